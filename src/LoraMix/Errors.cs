@@ -1,0 +1,77 @@
+namespace LoraMix;
+
+/// <summary>Base class of every error LoraMix raises for bad input (files, configs, arguments).</summary>
+/// <remarks>Messages name the file, the key and what was expected versus found, and say what to do.</remarks>
+public class LoraMixException : Exception
+{
+    public LoraMixException(string message) : base(message) { }
+    public LoraMixException(string message, Exception? inner) : base(message, inner) { }
+}
+
+/// <summary>A checkpoint or adapter file is malformed or does not match the model.</summary>
+public class CheckpointFormatException : LoraMixException
+{
+    public CheckpointFormatException(string file, string? tensor, string message, Exception? inner = null)
+        : base(Compose(file, tensor, message), inner)
+    {
+        FilePath = file;
+        TensorName = tensor;
+    }
+
+    /// <summary>The offending file.</summary>
+    public string FilePath { get; }
+
+    /// <summary>The offending tensor, when the problem is tied to one.</summary>
+    public string? TensorName { get; }
+
+    private static string Compose(string file, string? tensor, string message) =>
+        tensor is null ? $"{file}: {message}" : $"{file}: tensor '{tensor}': {message}";
+}
+
+/// <summary>A safetensors file is malformed (header, dtype, offsets, sizes).</summary>
+public sealed class SafetensorsFormatException : CheckpointFormatException
+{
+    public SafetensorsFormatException(string file, string? tensor, string message, Exception? inner = null)
+        : base(file, tensor, message, inner) { }
+}
+
+/// <summary>A model configuration (config.json or a LoraMix config) is invalid or unsupported.</summary>
+public sealed class ModelConfigException : LoraMixException
+{
+    public ModelConfigException(string file, string key, string message)
+        : base($"{file}: '{key}': {message}")
+    {
+        FilePath = file;
+        Key = key;
+    }
+
+    public string FilePath { get; }
+    public string Key { get; }
+}
+
+/// <summary>A state dict does not match the model: missing, unexpected or mis-shaped keys.</summary>
+public sealed class StateDictMismatchException : LoraMixException
+{
+    public StateDictMismatchException(string source, IReadOnlyList<string> missing, IReadOnlyList<string> unexpected,
+        IReadOnlyList<string> misshaped)
+        : base(Compose(source, missing, unexpected, misshaped))
+    {
+        Missing = missing;
+        Unexpected = unexpected;
+        Misshaped = misshaped;
+    }
+
+    public IReadOnlyList<string> Missing { get; }
+    public IReadOnlyList<string> Unexpected { get; }
+    public IReadOnlyList<string> Misshaped { get; }
+
+    private static string Compose(string source, IReadOnlyList<string> missing, IReadOnlyList<string> unexpected,
+        IReadOnlyList<string> misshaped)
+    {
+        var parts = new List<string>();
+        if (missing.Count > 0) parts.Add($"missing keys ({missing.Count}): {string.Join(", ", missing.Take(20))}{(missing.Count > 20 ? ", ..." : "")}");
+        if (unexpected.Count > 0) parts.Add($"unexpected keys ({unexpected.Count}): {string.Join(", ", unexpected.Take(20))}{(unexpected.Count > 20 ? ", ..." : "")}");
+        if (misshaped.Count > 0) parts.Add($"mis-shaped keys ({misshaped.Count}): {string.Join("; ", misshaped.Take(20))}{(misshaped.Count > 20 ? "; ..." : "")}");
+        return $"{source}: the checkpoint does not match the model: {string.Join("; ", parts)}.";
+    }
+}
