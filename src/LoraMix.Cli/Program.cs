@@ -1,1 +1,4 @@
-System.Console.WriteLine(LoraMix.Torch.TorchProbe.Version());
+using System.CommandLine;
+using LoraMix.Cli;
+
+return CliApp.Run(args);

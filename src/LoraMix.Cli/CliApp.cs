@@ -1,0 +1,49 @@
+using System.CommandLine;
+
+namespace LoraMix.Cli;
+
+/// <summary>The <c>loramix</c> command: thin verbs over the library.</summary>
+public static class CliApp
+{
+    /// <summary>Exit code for bad input or a failed run.</summary>
+    public const int ExitError = 1;
+    /// <summary>Exit code for a command line that does not parse.</summary>
+    public const int ExitUsage = 2;
+
+    public static RootCommand BuildRoot()
+    {
+        var root = new RootCommand("LoraMix: run, fine-tune and serve mixtures of LoRA experts on Llama-family models.");
+        root.Subcommands.Add(ModelCommands.Generate());
+        root.Subcommands.Add(ModelCommands.Inspect());
+        root.Subcommands.Add(ModelCommands.InitModel());
+        root.Subcommands.Add(ModelCommands.ImportLlama2c());
+        root.Subcommands.Add(ModelCommands.Quickstart());
+        return root;
+    }
+
+    /// <summary>Parses and runs; returns the process exit code. Output goes to the given writers (default: console).</summary>
+    public static int Run(string[] args, TextWriter? stdout = null, TextWriter? stderr = null)
+    {
+        stdout ??= Console.Out;
+        stderr ??= Console.Error;
+        var root = BuildRoot();
+        var parsed = root.Parse(args);
+        if (parsed.Errors.Count > 0)
+        {
+            foreach (var e in parsed.Errors) stderr.WriteLine($"error: {e.Message}");
+            stderr.WriteLine("Run 'loramix --help' (or 'loramix <verb> --help') for usage.");
+            return ExitUsage;
+        }
+        var config = new InvocationConfiguration { EnableDefaultExceptionHandler = false, Output = stdout, Error = stderr };
+        try
+        {
+            return parsed.Invoke(config);
+        }
+        catch (Exception e) when (e is LoraMixException or ArgumentException or IOException or UnauthorizedAccessException
+                                       or InvalidOperationException or OperationCanceledException)
+        {
+            stderr.WriteLine($"error: {e.Message}");
+            return ExitError;
+        }
+    }
+}

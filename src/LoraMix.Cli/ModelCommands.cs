@@ -1,0 +1,210 @@
+using System.CommandLine;
+using System.Globalization;
+using LoraMix.Checkpoints;
+using LoraMix.Inference;
+using LoraMix.Modeling;
+using LoraMix.Torch;
+using TorchSharp;
+
+namespace LoraMix.Cli;
+
+/// <summary>Verbs that create, inspect and run base models.</summary>
+internal static class ModelCommands
+{
+    private static Option<string> ModelOption() => new("--model", "-m")
+    {
+        Description = "Model directory in Hugging Face layout (config.json + model.safetensors or a sharded index).",
+        Required = true,
+    };
+
+    private static Option<string> DeviceOption() => new("--device")
+    {
+        Description = "cpu, cuda or cuda:N (CUDA needs a CUDA libtorch package; see README).",
+        DefaultValueFactory = _ => "cpu",
+    };
+
+    private static Option<string> DTypeOption(string defaultValue) => new("--dtype")
+    {
+        Description = "Compute/storage dtype: f32, bf16 or f16.",
+        DefaultValueFactory = _ => defaultValue,
+    };
+
+    public static Command Generate()
+    {
+        var model = ModelOption();
+        var promptIds = new Option<string>("--prompt-ids") { Description = "Prompt token ids, comma- or space-separated (e.g. \"1,2,3\").", Required = true };
+        var maxNew = new Option<int>("--max-new-tokens") { Description = "Maximum tokens to generate.", DefaultValueFactory = _ => 128 };
+        var temperature = new Option<double>("--temperature") { Description = "Sampling temperature; 0 is greedy.", DefaultValueFactory = _ => 1.0 };
+        var topK = new Option<int>("--top-k") { Description = "Keep the K most likely tokens (0 = off).", DefaultValueFactory = _ => 0 };
+        var topP = new Option<double>("--top-p") { Description = "Nucleus sampling mass (1 = off).", DefaultValueFactory = _ => 1.0 };
+        var repetition = new Option<double>("--repetition-penalty") { Description = "Repetition penalty (1 = off).", DefaultValueFactory = _ => 1.0 };
+        var seed = new Option<long?>("--seed") { Description = "Random seed (same seed, same output)." };
+        var stop = new Option<string?>("--stop-ids") { Description = "Extra stop token ids, comma-separated." };
+        var ignoreEos = new Option<bool>("--ignore-eos") { Description = "Do not stop at the model's EOS token." };
+        var printIds = new Option<bool>("--print-ids") { Description = "Print the generated ids (not the prompt's) space-separated on one line." };
+        var device = DeviceOption();
+        var dtype = DTypeOption("f32");
+        var cmd = new Command("generate", "Generate tokens from a model.")
+        {
+            model, promptIds, maxNew, temperature, topK, topP, repetition, seed, stop, ignoreEos, printIds, device, dtype,
+        };
+        cmd.SetAction(p =>
+        {
+            var ids = ParseIds(p.GetValue(promptIds)!, "--prompt-ids");
+            var options = new GenerationOptions
+            {
+                MaxNewTokens = p.GetValue(maxNew),
+                Temperature = p.GetValue(temperature),
+                TopK = p.GetValue(topK),
+                TopP = p.GetValue(topP),
+                RepetitionPenalty = p.GetValue(repetition),
+                Seed = p.GetValue(seed),
+                StopTokenIds = p.GetValue(stop) is { } s ? ParseIds(s, "--stop-ids") : [],
+                StopAtEos = !p.GetValue(ignoreEos),
+            };
+            options.Validate();
+            var dev = TorchRuntime.ParseDevice(p.GetValue(device)!);
+            var dt = TorchRuntime.ParseDType(p.GetValue(dtype)!);
+            using var m = LlamaForCausalLM.FromPretrained(p.GetValue(model)!, dev, dt);
+            var output = p.InvocationConfiguration.Output;
+            var gen = new TokenGenerator(m);
+            if (p.GetValue(printIds))
+            {
+                var result = gen.Generate(ids, options);
+                output.WriteLine(string.Join(' ', result.Tokens));
+            }
+            else
+            {
+                // No tokenizer yet: stream ids as they are produced.
+                var result = gen.Generate(ids, options, t => { output.Write(t.ToString(CultureInfo.InvariantCulture)); output.Write(' '); output.Flush(); });
+                output.WriteLine();
+                p.InvocationConfiguration.Error.WriteLine($"[{result.Tokens.Count} tokens, finish: {result.FinishReason.ToString().ToLowerInvariant()}]");
+            }
+            return 0;
+        });
+        return cmd;
+    }
+
+    public static Command Inspect()
+    {
+        var model = ModelOption();
+        var all = new Option<bool>("--all") { Description = "List every tensor (default: the first 12 and a per-dtype summary)." };
+        var cmd = new Command("inspect", "Print a model's architecture, parameter count, dtype and tensors.") { model, all };
+        cmd.SetAction(p =>
+        {
+            string dir = p.GetValue(model)!;
+            if (!Directory.Exists(dir)) throw new LoraMixException($"model directory '{dir}' does not exist");
+            var cfg = LlamaConfig.Load(Path.Combine(dir, "config.json"));
+            using var ckpt = SafetensorsCheckpoint.OpenDirectory(dir);
+            var o = p.InvocationConfiguration.Output;
+            o.WriteLine($"model:        {Path.GetFullPath(dir)}");
+            o.WriteLine($"architecture: {cfg.ModelType} (hidden {cfg.HiddenSize}, intermediate {cfg.IntermediateSize}, layers {cfg.NumHiddenLayers}, " +
+                        $"heads {cfg.NumAttentionHeads}, kv heads {cfg.NumKeyValueHeads}, head_dim {cfg.HeadDim}, vocab {cfg.VocabSize})");
+            string rope = cfg.RopeScaling is { } s ? $"{s.Type} x{s.Factor.ToString(CultureInfo.InvariantCulture)}" : "none";
+            o.WriteLine($"attention:    rope_theta {cfg.RopeTheta.ToString(CultureInfo.InvariantCulture)}, rope_scaling {rope}, " +
+                        $"max positions {cfg.MaxPositionEmbeddings}, sliding window {(cfg.SlidingWindow?.ToString(CultureInfo.InvariantCulture) ?? "none")}, " +
+                        $"bias {(cfg.AttentionBias ? "q/k/v/o" : cfg.QkvBias ? "q/k/v" : "none")}");
+            o.WriteLine($"embeddings:   {(cfg.TieWordEmbeddings ? "tied" : "untied")} lm_head; bos {cfg.BosTokenId?.ToString(CultureInfo.InvariantCulture) ?? "-"}, eos [{string.Join(", ", cfg.EosTokenIds)}]");
+            var entries = ckpt.TensorNames.Select(ckpt.GetEntry).ToList();
+            long parameters = entries.Sum(e => e.Shape.Aggregate(1L, (a, b) => a * b));
+            o.WriteLine($"parameters:   {parameters:N0} ({Human(parameters)}) in {entries.Count} tensors; config implies {cfg.ParameterCount():N0}");
+            foreach (var g in entries.GroupBy(e => e.DType).OrderBy(g => g.Key.ToString()))
+                o.WriteLine($"dtype:        {g.Key}: {g.Count()} tensors, {HumanBytes(g.Sum(e => e.ByteLength))}");
+            o.WriteLine($"config dtype: {cfg.TorchDtype ?? "(unspecified)"}");
+            var shown = p.GetValue(all) ? entries : entries.Take(12).ToList();
+            foreach (var e in shown) o.WriteLine($"  {e.Name,-52} {e.DType,-5} [{string.Join(", ", e.Shape)}]");
+            if (shown.Count < entries.Count) o.WriteLine($"  ... {entries.Count - shown.Count} more (use --all)");
+            return 0;
+        });
+        return cmd;
+    }
+
+    public static Command InitModel()
+    {
+        var preset = new Option<string>("--preset") { Description = $"One of: {string.Join(", ", ModelPresets.Names)}.", Required = true };
+        var output = new Option<string>("--out", "-o") { Description = "Output directory.", Required = true };
+        var seed = new Option<long>("--seed") { Description = "Random seed.", DefaultValueFactory = _ => 0 };
+        var dtype = DTypeOption("f32");
+        var shard = new Option<long>("--max-shard-gb") { Description = "Largest shard in GiB (bigger models are split with an index).", DefaultValueFactory = _ => 5 };
+        var cmd = new Command("init-model", "Write a randomly initialised model in Hugging Face layout (streamed tensor by tensor).")
+        {
+            preset, output, seed, dtype, shard,
+        };
+        cmd.SetAction(p =>
+        {
+            var cfg = ModelPresets.Get(p.GetValue(preset)!);
+            var dt = TorchRuntime.ParseDType(p.GetValue(dtype)!);
+            string dir = p.GetValue(output)!;
+            long s = p.GetValue(seed);
+            TorchRuntime.EnsureLoaded();
+            var layout = ModelPresets.Layout(cfg).Select(e => new SafetensorsTensorSpec(e.Name, SafetensorsDTypes.FromScalarType(dt), e.Shape)).ToList();
+            Directory.CreateDirectory(dir);
+            var err = p.InvocationConfiguration.Error;
+            int done = 0;
+            SafetensorsCheckpoint.WriteDirectory(dir, layout, spec =>
+            {
+                if (++done % 25 == 0 || done == layout.Count) err.WriteLine($"  {done}/{layout.Count} tensors");
+                return ModelPresets.RandomTensor(cfg, spec.Name, spec.Shape, s, dt);
+            }, maxShardBytes: p.GetValue(shard) << 30, metadata: new Dictionary<string, string> { ["format"] = "pt" });
+            (cfg with { TorchDtype = TorchRuntime.HfName(dt) }).Save(Path.Combine(dir, "config.json"));
+            p.InvocationConfiguration.Output.WriteLine($"wrote {p.GetValue(preset)} ({cfg.ParameterCount():N0} parameters, {TorchRuntime.HfName(dt)}) to {Path.GetFullPath(dir)}");
+            return 0;
+        });
+        return cmd;
+    }
+
+    public static Command ImportLlama2c()
+    {
+        var file = new Argument<string>("file") { Description = "A llama2.c legacy (version 0) checkpoint, e.g. stories260K.bin." };
+        var output = new Option<string>("--out", "-o") { Description = "Output directory (Hugging Face layout).", Required = true };
+        var cmd = new Command("import-llama2c", "Convert a llama2.c checkpoint into a Hugging Face model directory.") { file, output };
+        cmd.SetAction(p =>
+        {
+            TorchRuntime.EnsureLoaded();
+            var cfg = Llama2cImporter.Convert(p.GetValue(file)!, p.GetValue(output)!);
+            p.InvocationConfiguration.Output.WriteLine(
+                $"wrote {Path.GetFullPath(p.GetValue(output)!)} (llama, {cfg.ParameterCount():N0} parameters, {cfg.NumHiddenLayers} layers, vocab {cfg.VocabSize})");
+            return 0;
+        });
+        return cmd;
+    }
+
+    public static Command Quickstart()
+    {
+        var output = new Option<string>("--out", "-o") { Description = "Where to write the tiny model.", DefaultValueFactory = _ => Path.Combine("out", "tiny") };
+        var cmd = new Command("quickstart", "Create the `tiny` random model (if absent) and generate from it.") { output };
+        cmd.SetAction(p =>
+        {
+            var o = p.InvocationConfiguration.Output;
+            string dir = p.GetValue(output)!;
+            var sw = System.Diagnostics.Stopwatch.StartNew();
+            TorchRuntime.EnsureLoaded();
+            if (!File.Exists(Path.Combine(dir, "config.json")))
+            {
+                using var fresh = ModelPresets.CreateRandom("tiny", seed: 0);
+                fresh.SavePretrained(dir);
+                o.WriteLine($"created the tiny random model ({fresh.Config.ParameterCount():N0} parameters) in {Path.GetFullPath(dir)}");
+            }
+            using var model = LlamaForCausalLM.FromPretrained(dir);
+            var options = new GenerationOptions { MaxNewTokens = 32, Temperature = 0, StopAtEos = false };
+            var result = new TokenGenerator(model).Generate([1], options);
+            o.WriteLine($"greedy continuation of [1] (random weights, so the ids are arbitrary but reproducible):");
+            o.WriteLine(string.Join(' ', result.Tokens));
+            o.WriteLine($"done in {sw.Elapsed.TotalSeconds:F1} s. Next: ./loramix inspect --model {dir}");
+            return 0;
+        });
+        return cmd;
+    }
+
+    private static int[] ParseIds(string text, string option)
+    {
+        var parts = text.Split([',', ' ', '\t'], StringSplitOptions.RemoveEmptyEntries);
+        if (parts.Length == 0) throw new ArgumentException($"{option}: expected at least one token id");
+        return parts.Select(s => int.TryParse(s, NumberStyles.Integer, CultureInfo.InvariantCulture, out int v) && v >= 0 ? v
+            : throw new ArgumentException($"{option}: '{s}' is not a non-negative integer token id")).ToArray();
+    }
+
+    private static string Human(long n) => n >= 1_000_000_000 ? $"{n / 1e9:F2}B" : n >= 1_000_000 ? $"{n / 1e6:F2}M" : $"{n / 1e3:F1}K";
+
+    private static string HumanBytes(long b) => b >= 1L << 30 ? $"{b / (double)(1L << 30):F2} GiB" : b >= 1 << 20 ? $"{b / (double)(1 << 20):F1} MiB" : $"{b / 1024.0:F1} KiB";
+}

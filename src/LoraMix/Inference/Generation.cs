@@ -1,0 +1,192 @@
+using LoraMix.Modeling;
+using static TorchSharp.torch;
+
+namespace LoraMix.Inference;
+
+/// <summary>Sampling and stopping settings. <see cref="Temperature"/> 0 means greedy decoding.</summary>
+public sealed record GenerationOptions
+{
+    /// <summary>Maximum number of tokens to generate per prompt (stop tokens not counted in the output).</summary>
+    public int MaxNewTokens { get; init; } = 128;
+    /// <summary>Softmax temperature; 0 selects the arg-max token (greedy).</summary>
+    public double Temperature { get; init; } = 1.0;
+    /// <summary>Keep only the K most likely tokens (0 = off).</summary>
+    public int TopK { get; init; }
+    /// <summary>Nucleus sampling: keep the smallest set of tokens whose probability reaches P (1 = off).</summary>
+    public double TopP { get; init; } = 1.0;
+    /// <summary>Hugging Face-style repetition penalty over prompt and generated tokens (1 = off).</summary>
+    public double RepetitionPenalty { get; init; } = 1.0;
+    /// <summary>Random seed; the same seed gives the same output. Null draws one.</summary>
+    public long? Seed { get; init; }
+    /// <summary>Extra token ids that end a sequence (not emitted).</summary>
+    public IReadOnlyCollection<int> StopTokenIds { get; init; } = [];
+    /// <summary>Stop at the model's EOS ids (config <c>eos_token_id</c>).</summary>
+    public bool StopAtEos { get; init; } = true;
+
+    /// <summary>Throws <see cref="ArgumentException"/> for out-of-range settings.</summary>
+    public void Validate()
+    {
+        if (MaxNewTokens < 0) throw new ArgumentException($"max new tokens must be >= 0, got {MaxNewTokens}");
+        if (!(Temperature >= 0) || double.IsInfinity(Temperature)) throw new ArgumentException($"temperature must be >= 0 and finite, got {Temperature}");
+        if (TopK < 0) throw new ArgumentException($"top-k must be >= 0, got {TopK}");
+        if (!(TopP > 0 && TopP <= 1)) throw new ArgumentException($"top-p must be in (0, 1], got {TopP}");
+        if (!(RepetitionPenalty > 0) || double.IsInfinity(RepetitionPenalty)) throw new ArgumentException($"repetition penalty must be > 0, got {RepetitionPenalty}");
+    }
+}
+
+/// <summary>Why a sequence ended.</summary>
+public enum FinishReason
+{
+    /// <summary>The token budget ran out.</summary>
+    Length,
+    /// <summary>A stop or EOS token was sampled.</summary>
+    Stop,
+}
+
+/// <summary>The generated tokens of one prompt.</summary>
+public sealed record GeneratedSequence(IReadOnlyList<int> Tokens, FinishReason FinishReason, int? StopTokenId);
+
+/// <summary>
+/// Autoregressive generation over a <see cref="LlamaForCausalLM"/>: batched prompts of different lengths (left
+/// padding), one prefill then one cached step per token, sampling on the model's device, host-side stop checks.
+/// </summary>
+public sealed class TokenGenerator
+{
+    private readonly LlamaForCausalLM _model;
+
+    public TokenGenerator(LlamaForCausalLM model) => _model = model;
+
+    /// <summary>Generates for one prompt.</summary>
+    public GeneratedSequence Generate(IReadOnlyList<int> prompt, GenerationOptions options, Action<int>? onToken = null,
+        CancellationToken cancellationToken = default) =>
+        Generate([prompt], options, onToken is null ? null : (_, t) => onToken(t), cancellationToken)[0];
+
+    /// <summary>
+    /// Generates for a batch of prompts. <paramref name="onToken"/> receives (prompt index, token) as each token is
+    /// accepted (streaming). Output tokens exclude the prompt and the stop token.
+    /// </summary>
+    public IReadOnlyList<GeneratedSequence> Generate(IReadOnlyList<IReadOnlyList<int>> prompts, GenerationOptions options,
+        Action<int, int>? onToken = null, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(prompts);
+        options.Validate();
+        if (prompts.Count == 0) return [];
+        int vocab = _model.Config.VocabSize;
+        for (int i = 0; i < prompts.Count; i++)
+        {
+            if (prompts[i].Count == 0) throw new ArgumentException($"prompt {i} is empty; give at least one token (e.g. BOS)");
+            foreach (int id in prompts[i])
+                if (id < 0 || id >= vocab) throw new ArgumentException($"prompt {i} has token id {id} outside the vocabulary [0, {vocab})");
+        }
+
+        var stop = new HashSet<int>(options.StopTokenIds);
+        if (options.StopAtEos) stop.UnionWith(_model.Config.EosTokenIds);
+        int batch = prompts.Count;
+        int maxPrompt = prompts.Max(p => p.Count);
+        var outputs = new List<int>[batch];
+        var finish = new FinishReason[batch];
+        var stopIds = new int?[batch];
+        for (int i = 0; i < batch; i++) { outputs[i] = []; finish[i] = FinishReason.Length; }
+        if (options.MaxNewTokens == 0) return Results();
+
+        var device = _model.Device;
+        using var outer = NewDisposeScope();
+        using var noGrad = no_grad();
+        using var cache = _model.CreateCache(batch, maxPrompt + options.MaxNewTokens);
+        using var rng = new TorchSharp.torch.Generator((ulong)(options.Seed ?? Random.Shared.NextInt64()), device);
+
+        // Left-pad the prompts.
+        var ids = new long[batch * maxPrompt];
+        var mask = new long[batch * maxPrompt];
+        bool padded = false;
+        for (int i = 0; i < batch; i++)
+        {
+            int pad = maxPrompt - prompts[i].Count;
+            padded |= pad > 0;
+            for (int j = 0; j < prompts[i].Count; j++)
+            {
+                ids[i * maxPrompt + pad + j] = prompts[i][j];
+                mask[i * maxPrompt + pad + j] = 1;
+            }
+        }
+        Tensor? seen = null;
+        if (options.RepetitionPenalty != 1.0)
+        {
+            seen = zeros(batch, vocab, dtype: ScalarType.Bool, device: device);
+            for (int i = 0; i < batch; i++)
+                seen[i].index_fill_(0, tensor(prompts[i].Select(x => (long)x).ToArray(), device: device), true);
+        }
+
+        var input = tensor(ids, [batch, maxPrompt], device: device);
+        Tensor? attn = padded ? tensor(mask, [batch, maxPrompt], device: device) : null;
+        bool[] done = new bool[batch];
+        for (int step = 0; step < options.MaxNewTokens; step++)
+        {
+            cancellationToken.ThrowIfCancellationRequested();
+            long[] next;
+            using (var stepScope = NewDisposeScope())
+            {
+                var logits = _model.Forward(input, cache, attn, lastOnly: true).squeeze(1).to(ScalarType.Float32);
+                var chosen = Sample(logits, options, seen, rng);
+                if (seen is not null) seen.scatter_(1, chosen.unsqueeze(1), ones(batch, 1, dtype: ScalarType.Bool, device: device));
+                next = chosen.cpu().data<long>().ToArray();
+                input.Dispose();
+                input = chosen.unsqueeze(1).MoveToOuterDisposeScope();
+            }
+            attn?.Dispose();
+            attn = null;
+            for (int i = 0; i < batch; i++)
+            {
+                if (done[i]) continue;
+                int tok = (int)next[i];
+                if (stop.Contains(tok))
+                {
+                    done[i] = true;
+                    finish[i] = FinishReason.Stop;
+                    stopIds[i] = tok;
+                    continue;
+                }
+                outputs[i].Add(tok);
+                onToken?.Invoke(i, tok);
+            }
+            if (done.All(d => d)) break;
+        }
+        return Results();
+
+        IReadOnlyList<GeneratedSequence> Results() =>
+            Enumerable.Range(0, batch).Select(i => new GeneratedSequence(outputs[i], finish[i], stopIds[i])).ToList();
+    }
+
+    /// <summary>
+    /// Picks the next token of each row from fp32 logits [B, V]: repetition penalty, temperature, top-k, top-p,
+    /// then a draw from the softmax (or arg-max when the temperature is 0).
+    /// </summary>
+    public static Tensor Sample(Tensor logits, GenerationOptions o, Tensor? seen, TorchSharp.torch.Generator? rng)
+    {
+        using var scope = NewDisposeScope();
+        var scores = logits;
+        if (seen is not null && o.RepetitionPenalty != 1.0)
+        {
+            var penalised = where(scores < 0, scores * o.RepetitionPenalty, scores / o.RepetitionPenalty);
+            scores = where(seen, penalised, scores);
+        }
+        if (o.Temperature == 0) return scores.argmax(-1).MoveToOuterDisposeScope();
+        scores = scores / o.Temperature;
+        if (o.TopK > 0 && o.TopK < scores.shape[^1])
+        {
+            var kth = scores.topk(o.TopK, -1).values.narrow(-1, o.TopK - 1, 1);
+            scores = scores.masked_fill(scores < kth, double.NegativeInfinity);
+        }
+        if (o.TopP < 1.0)
+        {
+            var (sorted, order) = scores.sort(-1, descending: true);
+            var probs = sorted.softmax(-1);
+            var before = probs.cumsum(-1) - probs;     // mass strictly before each token
+            var drop = before >= o.TopP;               // as transformers: keep the smallest prefix reaching top_p
+            var dropUnsorted = zeros_like(drop).scatter(-1, order, drop);
+            scores = scores.masked_fill(dropUnsorted, double.NegativeInfinity);
+        }
+        var p = scores.softmax(-1);
+        return multinomial(p, 1, false, rng).squeeze(-1).MoveToOuterDisposeScope();
+    }
+}

@@ -1,0 +1,24 @@
+using static TorchSharp.torch;
+
+namespace LoraMix.Modeling;
+
+/// <summary>
+/// Everything a forward pass shares across layers: rotary tables for this step's positions, the attention mask
+/// (or the causal flag), the KV cache and its write position. One object travels through every layer, so later
+/// features (routing policies, privilege labels, traces) extend it rather than every forward signature.
+/// </summary>
+public sealed class ForwardContext
+{
+    /// <summary>cos table [B, 1, T, D] in the compute dtype.</summary>
+    public required Tensor Cos { get; init; }
+    /// <summary>sin table [B, 1, T, D] in the compute dtype.</summary>
+    public required Tensor Sin { get; init; }
+    /// <summary>Boolean mask [B, 1, T, L] (true = attend), or null when <see cref="IsCausal"/> or a single unpadded query.</summary>
+    public Tensor? AttentionMask { get; init; }
+    /// <summary>True for a plain causal prefill (T == L, no padding): attention uses the fused causal kernel.</summary>
+    public bool IsCausal { get; init; }
+    /// <summary>The cache being filled, or null for a cache-free forward.</summary>
+    public KvCache? Cache { get; init; }
+    /// <summary>The first cache slot of this step's tokens.</summary>
+    public long Start { get; init; }
+}

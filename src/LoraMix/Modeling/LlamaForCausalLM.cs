@@ -1,0 +1,199 @@
+using LoraMix.Checkpoints;
+using LoraMix.Torch;
+using TorchSharp;
+using TorchSharp.Utils;
+using static TorchSharp.torch;
+
+namespace LoraMix.Modeling;
+
+/// <summary>
+/// A Llama-family causal language model whose state-dict keys equal Hugging Face's
+/// (<c>model.embed_tokens.weight</c>, <c>model.layers.0.self_attn.q_proj.weight</c>, ..., <c>lm_head.weight</c>).
+/// With tied embeddings there is no <c>lm_head</c>: the embedding matrix is used directly.
+/// </summary>
+public sealed class LlamaForCausalLM : nn.Module
+{
+    [ComponentName(Name = "model")] private readonly LlamaModel _model;
+    [ComponentName(Name = "lm_head")] private readonly LinearLayer? _lmHead;
+    private readonly RotaryEmbedding _rotary;
+
+    /// <summary>Builds the model with uninitialised weights (norms are ones); load or initialise them next.</summary>
+    public LlamaForCausalLM(LlamaConfig config, Device? device = null, ScalarType dtype = ScalarType.Float32)
+        : base(nameof(LlamaForCausalLM))
+    {
+        TorchRuntime.EnsureLoaded();
+        config.Validate();
+        Config = config;
+        Device = device ?? CPU;
+        DType = dtype;
+        _model = new LlamaModel(config, Device, dtype);
+        if (!config.TieWordEmbeddings) _lmHead = new LinearLayer(config.HiddenSize, config.VocabSize, false, Device, dtype);
+        _rotary = new RotaryEmbedding(config, Device);
+        RegisterComponents();
+    }
+
+    public LlamaConfig Config { get; }
+    public Device Device { get; }
+    public ScalarType DType { get; }
+    public LlamaModel Model => _model;
+
+    /// <summary>The output projection weight [vocab, hidden] (the embedding matrix when tied).</summary>
+    public Tensor OutputWeight => _lmHead?.Weight ?? _model.EmbedTokens.Weight;
+
+    /// <summary>Creates a KV cache sized for this model.</summary>
+    public KvCache CreateCache(long batchSize, long capacity) => new(Config, batchSize, capacity, Device, DType);
+
+    /// <summary>
+    /// Runs the decoder and returns logits [B, T, vocab] (or [B, 1, vocab] with <paramref name="lastOnly"/>) in the compute dtype.
+    /// </summary>
+    /// <param name="inputIds">Token ids [B, T] (int64).</param>
+    /// <param name="cache">A cache to append to (incremental decoding), or null for a self-contained forward.</param>
+    /// <param name="attentionMask">[B, T], 1 for real tokens and 0 for (left) padding; null when nothing is padded.</param>
+    /// <param name="lastOnly">Project only the last position to the vocabulary (generation).</param>
+    public Tensor Forward(Tensor inputIds, KvCache? cache = null, Tensor? attentionMask = null, bool lastOnly = false)
+    {
+        using var scope = NewDisposeScope();
+        var hidden = ForwardHidden(inputIds, cache, attentionMask);
+        if (lastOnly) hidden = hidden.narrow(1, hidden.shape[1] - 1, 1);
+        return nn.functional.linear(hidden, OutputWeight).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Runs embeddings, every layer and the final norm; returns hidden states [B, T, hidden].</summary>
+    public Tensor ForwardHidden(Tensor inputIds, KvCache? cache = null, Tensor? attentionMask = null)
+    {
+        if (inputIds.dim() != 2)
+            throw new ArgumentException($"input ids must be [batch, seq], got [{string.Join(", ", inputIds.shape)}]", nameof(inputIds));
+        long b = inputIds.shape[0], t = inputIds.shape[1];
+        if (t == 0) throw new ArgumentException("input ids must contain at least one position", nameof(inputIds));
+        if (cache is not null && cache.BatchSize != b)
+            throw new ArgumentException($"cache batch size {cache.BatchSize} differs from input batch size {b}", nameof(cache));
+        if (attentionMask is not null && (attentionMask.dim() != 2 || attentionMask.shape[0] != b || attentionMask.shape[1] != t))
+            throw new ArgumentException($"attention mask must be [{b}, {t}], got [{string.Join(", ", attentionMask.shape)}]", nameof(attentionMask));
+
+        using var scope = NewDisposeScope();
+        var ids = inputIds.to(ScalarType.Int64, Device);
+        Tensor? mask = attentionMask?.to(ScalarType.Bool, Device);
+
+        // Rotary positions count real tokens only, continuing from what the cache has seen.
+        long[] past = cache is null ? new long[b] : cache.NextPositions.ToArray();
+        Tensor positions;
+        long[] realCounts = new long[b];
+        if (mask is null)
+        {
+            positions = arange(t, dtype: ScalarType.Int64, device: Device).unsqueeze(0).expand(b, t)
+                        + tensor(past, device: Device).unsqueeze(1);
+            Array.Fill(realCounts, t);
+        }
+        else
+        {
+            var m64 = mask.to(ScalarType.Int64);
+            var cum = m64.cumsum(1) - 1 + tensor(past, device: Device).unsqueeze(1);
+            positions = cum.clamp_min(0) * m64;   // padding gets position 0 (never attended to)
+            var counts = m64.sum(1).cpu();
+            for (int i = 0; i < b; i++) realCounts[i] = counts[i].item<long>();
+        }
+        long maxPos = positions.max().item<long>();
+
+        long start = 0;
+        bool padded = mask is not null;
+        if (cache is not null)
+        {
+            padded |= cache.HasPadding;
+            start = cache.Reserve(t, mask, realCounts);
+        }
+        long l = start + t;
+
+        Tensor? attnMask = null;
+        bool causal = false;
+        bool windowed = Config.SlidingWindow is int w && l > w;
+        if (padded || windowed || (start > 0 && t > 1))
+        {
+            var qSlot = arange(start, l, dtype: ScalarType.Int64, device: Device).unsqueeze(1);   // [T, 1]
+            var kSlot = arange(0, l, dtype: ScalarType.Int64, device: Device).unsqueeze(0);       // [1, L]
+            var allowed = kSlot <= qSlot;
+            if (windowed) allowed = allowed.logical_and(qSlot - kSlot < Config.SlidingWindow!.Value);
+            var valid = cache is not null ? cache.ValidSlots(l) : (mask ?? ones(b, t, dtype: ScalarType.Bool, device: Device));
+            var full = allowed.unsqueeze(0).logical_and(valid.unsqueeze(1));                       // [B, T, L]
+            full = full.logical_or((kSlot == qSlot).unsqueeze(0));   // padded queries attend to themselves (finite, ignored)
+            attnMask = full.unsqueeze(1);
+        }
+        else if (t > 1)
+        {
+            causal = true;
+        }
+
+        var (cos, sin) = _rotary.Lookup(positions, DType, maxPos);
+        var ctx = new ForwardContext { Cos = cos, Sin = sin, AttentionMask = attnMask, IsCausal = causal, Cache = cache, Start = start };
+        var h = _model.EmbedTokens.call(ids);
+        foreach (var layer in _model.Layers) h = layer.call(h, ctx);
+        return _model.Norm.call(h).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>The tensors of this model's state dict with their shapes and dtypes, in module order.</summary>
+    public IReadOnlyList<(string Name, long[] Shape)> StateDictLayout() =>
+        state_dict().Select(kv => (kv.Key, kv.Value.shape)).ToList();
+
+    /// <summary>Loads a Hugging Face model directory (config.json + model.safetensors or a sharded index).</summary>
+    public static LlamaForCausalLM FromPretrained(string directory, Device? device = null, ScalarType? dtype = null)
+    {
+        if (!Directory.Exists(directory))
+            throw new LoraMixException($"model directory '{directory}' does not exist");
+        var config = LlamaConfig.Load(Path.Combine(directory, "config.json"));
+        ScalarType dt = dtype ?? ScalarType.Float32;
+        var model = new LlamaForCausalLM(config, device, dt);
+        try
+        {
+            using var ckpt = SafetensorsCheckpoint.OpenDirectory(directory);
+            model.LoadWeights(ckpt, directory);
+        }
+        catch
+        {
+            model.Dispose();
+            throw;
+        }
+        return model;
+    }
+
+    /// <summary>
+    /// Strictly loads weights by Hugging Face name: every model tensor must be present with the same shape, and no other
+    /// tensor may be in the checkpoint (a redundant <c>lm_head.weight</c> is accepted when embeddings are tied).
+    /// </summary>
+    /// <exception cref="StateDictMismatchException">Missing, unexpected or mis-shaped keys (all listed).</exception>
+    public void LoadWeights(SafetensorsCheckpoint checkpoint, string source)
+    {
+        var sd = state_dict();
+        var names = new HashSet<string>(checkpoint.TensorNames);
+        var missing = sd.Keys.Where(k => !names.Contains(k)).ToList();
+        var unexpected = names.Where(n => !sd.ContainsKey(n) && !(Config.TieWordEmbeddings && n == "lm_head.weight")).Order().ToList();
+        var misshaped = new List<string>();
+        foreach (var (name, t) in sd)
+        {
+            if (!names.Contains(name)) continue;
+            var entry = checkpoint.GetEntry(name);
+            if (!entry.Shape.SequenceEqual(t.shape))
+                misshaped.Add($"{name}: checkpoint [{string.Join(", ", entry.Shape)}] vs model [{string.Join(", ", t.shape)}]");
+        }
+        if (missing.Count + unexpected.Count + misshaped.Count > 0)
+            throw new StateDictMismatchException(source, missing, unexpected, misshaped);
+        using var noGrad = no_grad();
+        foreach (var (name, t) in sd) checkpoint.ReadInto(name, t);
+    }
+
+    /// <summary>Writes config.json and model.safetensors (Hugging Face layout) atomically, tensor by tensor.</summary>
+    public void SavePretrained(string directory, ScalarType? dtype = null)
+    {
+        Directory.CreateDirectory(directory);
+        ScalarType dt = dtype ?? DType;
+        (Config with { TorchDtype = TorchRuntime.HfName(dt) }).Save(Path.Combine(directory, "config.json"));
+        var sd = state_dict();
+        var layout = sd.Select(kv => new SafetensorsTensorSpec(kv.Key, SafetensorsDTypes.FromScalarType(dt), kv.Value.shape)).ToList();
+        SafetensorsCheckpoint.WriteDirectory(directory, layout, spec => sd[spec.Name].detach().to(dt),
+            metadata: new Dictionary<string, string> { ["format"] = "pt" });
+    }
+
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing) _rotary.Dispose();
+        base.Dispose(disposing);
+    }
+}

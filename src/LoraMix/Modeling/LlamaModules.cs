@@ -1,0 +1,223 @@
+using TorchSharp;
+using TorchSharp.Utils;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace LoraMix.Modeling;
+
+/// <summary>The feed-forward slot of a decoder layer: the dense SwiGLU MLP, or a mixture of experts around it.</summary>
+public abstract class FeedForwardBlock : nn.Module<Tensor, ForwardContext, Tensor>
+{
+    protected FeedForwardBlock(string name) : base(name) { }
+}
+
+/// <summary>The SwiGLU feed-forward network <c>down(silu(gate(x)) ⊙ up(x))</c>.</summary>
+public sealed class LlamaMlp : FeedForwardBlock
+{
+    [ComponentName(Name = "gate_proj")] private nn.Module<Tensor, Tensor> _gate;
+    [ComponentName(Name = "up_proj")] private nn.Module<Tensor, Tensor> _up;
+    [ComponentName(Name = "down_proj")] private nn.Module<Tensor, Tensor> _down;
+
+    public LlamaMlp(LlamaConfig c, Device device, ScalarType dtype) : base(nameof(LlamaMlp))
+    {
+        _gate = new LinearLayer(c.HiddenSize, c.IntermediateSize, false, device, dtype);
+        _up = new LinearLayer(c.HiddenSize, c.IntermediateSize, false, device, dtype);
+        _down = new LinearLayer(c.IntermediateSize, c.HiddenSize, false, device, dtype);
+        RegisterComponents();
+    }
+
+    /// <summary>The projection slots by Hugging Face name.</summary>
+    public static readonly IReadOnlyList<string> ProjectionNames = ["gate_proj", "up_proj", "down_proj"];
+
+    public nn.Module<Tensor, Tensor> GetProjection(string name) => name switch
+    {
+        "gate_proj" => _gate,
+        "up_proj" => _up,
+        "down_proj" => _down,
+        _ => throw new ArgumentException($"no projection '{name}' in the MLP; expected one of {string.Join(", ", ProjectionNames)}", nameof(name)),
+    };
+
+    /// <summary>Replaces a projection slot (e.g. with an adapted linear layer) under the same state-dict name.</summary>
+    public void SetProjection(string name, nn.Module<Tensor, Tensor> module)
+    {
+        _ = GetProjection(name);
+        register_module(name, null!);
+        register_module(name, module);
+        switch (name)
+        {
+            case "gate_proj": _gate = module; break;
+            case "up_proj": _up = module; break;
+            default: _down = module; break;
+        }
+    }
+
+    public override Tensor forward(Tensor x, ForwardContext ctx)
+    {
+        using var scope = NewDisposeScope();
+        var h = nn.functional.silu(_gate.call(x)) * _up.call(x);
+        return _down.call(h).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>Grouped-query self-attention with rotary embeddings, a preallocated KV cache and fused SDPA.</summary>
+public sealed class LlamaAttention : nn.Module<Tensor, ForwardContext, Tensor>
+{
+    [ComponentName(Name = "q_proj")] private nn.Module<Tensor, Tensor> _q;
+    [ComponentName(Name = "k_proj")] private nn.Module<Tensor, Tensor> _k;
+    [ComponentName(Name = "v_proj")] private nn.Module<Tensor, Tensor> _v;
+    [ComponentName(Name = "o_proj")] private nn.Module<Tensor, Tensor> _o;
+    private readonly int _layer, _heads, _kvHeads, _headDim;
+
+    public LlamaAttention(LlamaConfig c, int layer, Device device, ScalarType dtype) : base(nameof(LlamaAttention))
+    {
+        _layer = layer;
+        _heads = c.NumAttentionHeads;
+        _kvHeads = c.NumKeyValueHeads;
+        _headDim = c.HeadDim;
+        bool qkvBias = c.AttentionBias || c.QkvBias;
+        _q = new LinearLayer(c.HiddenSize, (long)_heads * _headDim, qkvBias, device, dtype);
+        _k = new LinearLayer(c.HiddenSize, (long)_kvHeads * _headDim, qkvBias, device, dtype);
+        _v = new LinearLayer(c.HiddenSize, (long)_kvHeads * _headDim, qkvBias, device, dtype);
+        _o = new LinearLayer((long)_heads * _headDim, c.HiddenSize, c.AttentionBias, device, dtype);
+        RegisterComponents();
+    }
+
+    /// <summary>The projection slots by Hugging Face name.</summary>
+    public static readonly IReadOnlyList<string> ProjectionNames = ["q_proj", "k_proj", "v_proj", "o_proj"];
+
+    public nn.Module<Tensor, Tensor> GetProjection(string name) => name switch
+    {
+        "q_proj" => _q,
+        "k_proj" => _k,
+        "v_proj" => _v,
+        "o_proj" => _o,
+        _ => throw new ArgumentException($"no projection '{name}' in attention; expected one of {string.Join(", ", ProjectionNames)}", nameof(name)),
+    };
+
+    /// <summary>Replaces a projection slot (e.g. with an adapted linear layer) under the same state-dict name.</summary>
+    public void SetProjection(string name, nn.Module<Tensor, Tensor> module)
+    {
+        _ = GetProjection(name);
+        register_module(name, null!);
+        register_module(name, module);
+        switch (name)
+        {
+            case "q_proj": _q = module; break;
+            case "k_proj": _k = module; break;
+            case "v_proj": _v = module; break;
+            default: _o = module; break;
+        }
+    }
+
+    public override Tensor forward(Tensor x, ForwardContext ctx)
+    {
+        using var scope = NewDisposeScope();
+        long b = x.shape[0], t = x.shape[1];
+        var q = _q.call(x).view(b, t, _heads, _headDim).transpose(1, 2);
+        var k = _k.call(x).view(b, t, _kvHeads, _headDim).transpose(1, 2);
+        var v = _v.call(x).view(b, t, _kvHeads, _headDim).transpose(1, 2);
+        q = RotaryEmbedding.Apply(q, ctx.Cos, ctx.Sin);
+        k = RotaryEmbedding.Apply(k, ctx.Cos, ctx.Sin);
+        if (ctx.Cache is { } cache) (k, v) = cache.Append(_layer, ctx.Start, k, v);
+        long l = k.shape[2];
+        int rep = _heads / _kvHeads;
+
+        Tensor o;
+        if (ctx.IsCausal || rep == 1)
+        {
+            if (rep > 1)
+            {
+                k = k.unsqueeze(2).expand(b, _kvHeads, rep, l, _headDim).reshape(b, _heads, l, _headDim);
+                v = v.unsqueeze(2).expand(b, _kvHeads, rep, l, _headDim).reshape(b, _heads, l, _headDim);
+            }
+            o = nn.functional.scaled_dot_product_attention(q, k, v, ctx.AttentionMask, 0.0, ctx.IsCausal);
+        }
+        else
+        {
+            // Fold the query heads of each KV group into the query axis: no copy of the cache per step.
+            var qf = q.reshape(b, _kvHeads, rep * t, _headDim);
+            Tensor? mask = ctx.AttentionMask?.unsqueeze(2).expand(b, 1, rep, t, l).reshape(b, 1, rep * t, l);
+            o = nn.functional.scaled_dot_product_attention(qf, k, v, mask, 0.0, false).view(b, _heads, t, _headDim);
+        }
+        o = o.transpose(1, 2).reshape(b, t, (long)_heads * _headDim);
+        return _o.call(o).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>One pre-norm decoder layer: attention and feed-forward, each with a residual connection.</summary>
+public sealed class LlamaDecoderLayer : nn.Module<Tensor, ForwardContext, Tensor>
+{
+    [ComponentName(Name = "self_attn")] private readonly LlamaAttention _attn;
+    [ComponentName(Name = "mlp")] private FeedForwardBlock _mlp;
+    [ComponentName(Name = "input_layernorm")] private readonly RmsNorm _inputNorm;
+    [ComponentName(Name = "post_attention_layernorm")] private readonly RmsNorm _postNorm;
+
+    public LlamaDecoderLayer(LlamaConfig c, int layer, Device device, ScalarType dtype) : base(nameof(LlamaDecoderLayer))
+    {
+        _attn = new LlamaAttention(c, layer, device, dtype);
+        _mlp = new LlamaMlp(c, device, dtype);
+        _inputNorm = new RmsNorm(c.HiddenSize, c.RmsNormEps, device, dtype);
+        _postNorm = new RmsNorm(c.HiddenSize, c.RmsNormEps, device, dtype);
+        RegisterComponents();
+    }
+
+    public LlamaAttention SelfAttention => _attn;
+    public FeedForwardBlock FeedForward => _mlp;
+
+    /// <summary>Replaces the feed-forward slot (e.g. with a mixture of experts) under the name <c>mlp</c>.</summary>
+    public void SetFeedForward(FeedForwardBlock block)
+    {
+        register_module("mlp", null!);
+        register_module("mlp", block);
+        _mlp = block;
+    }
+
+    public override Tensor forward(Tensor x, ForwardContext ctx)
+    {
+        using var scope = NewDisposeScope();
+        var h = x + _attn.call(_inputNorm.call(x), ctx);
+        var y = h + _mlp.call(_postNorm.call(h), ctx);
+        return y.MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>Token embedding table (<c>weight</c> [vocab, hidden]).</summary>
+public sealed class TokenEmbedding : nn.Module<Tensor, Tensor>
+{
+    [ComponentName(Name = "weight")] private readonly Parameter _weight;
+
+    public TokenEmbedding(long vocab, long hidden, Device device, ScalarType dtype) : base(nameof(TokenEmbedding))
+    {
+        _weight = new Parameter(empty(vocab, hidden, dtype: dtype, device: device));
+        RegisterComponents();
+    }
+
+    public Parameter Weight => _weight;
+
+    public override Tensor forward(Tensor ids)
+    {
+        var flat = _weight.index_select(0, ids.reshape(-1));
+        return flat.view(ids.shape[0], ids.shape[1], _weight.shape[1]);
+    }
+}
+
+/// <summary>The decoder stack (<c>model.*</c> in Hugging Face keys): embeddings, layers, final norm.</summary>
+public sealed class LlamaModel : nn.Module
+{
+    [ComponentName(Name = "embed_tokens")] private readonly TokenEmbedding _embed;
+    [ComponentName(Name = "layers")] private readonly ModuleList<LlamaDecoderLayer> _layers;
+    [ComponentName(Name = "norm")] private readonly RmsNorm _norm;
+
+    public LlamaModel(LlamaConfig c, Device device, ScalarType dtype) : base(nameof(LlamaModel))
+    {
+        _embed = new TokenEmbedding(c.VocabSize, c.HiddenSize, device, dtype);
+        _layers = new ModuleList<LlamaDecoderLayer>();
+        for (int i = 0; i < c.NumHiddenLayers; i++) _layers.Add(new LlamaDecoderLayer(c, i, device, dtype));
+        _norm = new RmsNorm(c.HiddenSize, c.RmsNormEps, device, dtype);
+        RegisterComponents();
+    }
+
+    public TokenEmbedding EmbedTokens => _embed;
+    public IReadOnlyList<LlamaDecoderLayer> Layers => _layers.ToList();
+    public RmsNorm Norm => _norm;
+}

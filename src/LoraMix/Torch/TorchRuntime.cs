@@ -1,0 +1,68 @@
+using static TorchSharp.torch;
+
+namespace LoraMix.Torch;
+
+/// <summary>Device and dtype selection at run time, and a clear error when libtorch cannot be loaded.</summary>
+public static class TorchRuntime
+{
+    /// <summary>Names accepted for dtypes (CLI <c>--dtype</c>, configs).</summary>
+    public static readonly IReadOnlyList<string> DTypeNames = ["f32", "bf16", "f16"];
+
+    /// <summary>Parses <c>cpu</c>, <c>cuda</c> or <c>cuda:N</c>; fails clearly when CUDA is asked for but absent.</summary>
+    public static Device ParseDevice(string name)
+    {
+        EnsureLoaded();
+        string n = name.Trim().ToLowerInvariant();
+        if (n == "cpu") return CPU;
+        if (n == "cuda" || n.StartsWith("cuda:", StringComparison.Ordinal))
+        {
+            if (!cuda.is_available())
+                throw new LoraMixException(
+                    $"device '{name}' was requested but CUDA is not available: this build references the CPU libtorch " +
+                    "(TorchSharp-cpu). Reference TorchSharp-cuda-linux (or -windows) instead of TorchSharp-cpu, on a machine " +
+                    "with an NVIDIA driver, and pass --device cuda.");
+            return new Device(n);
+        }
+        throw new LoraMixException($"unknown device '{name}'; expected cpu, cuda or cuda:N");
+    }
+
+    /// <summary>Parses <c>f32</c>/<c>float32</c>/<c>fp32</c>, <c>bf16</c>/<c>bfloat16</c>, <c>f16</c>/<c>float16</c>/<c>fp16</c>.</summary>
+    public static ScalarType ParseDType(string name) => name.Trim().ToLowerInvariant() switch
+    {
+        "f32" or "fp32" or "float32" or "float" => ScalarType.Float32,
+        "bf16" or "bfloat16" => ScalarType.BFloat16,
+        "f16" or "fp16" or "float16" or "half" => ScalarType.Float16,
+        _ => throw new LoraMixException($"unknown dtype '{name}'; expected one of {string.Join(", ", DTypeNames)}"),
+    };
+
+    /// <summary>The Hugging Face <c>torch_dtype</c> name of a dtype.</summary>
+    public static string HfName(ScalarType dtype) => dtype switch
+    {
+        ScalarType.Float32 => "float32",
+        ScalarType.BFloat16 => "bfloat16",
+        ScalarType.Float16 => "float16",
+        _ => throw new ArgumentOutOfRangeException(nameof(dtype), dtype, "not a model dtype"),
+    };
+
+    private static bool s_loaded;
+
+    /// <summary>Loads libtorch, turning the loader's failure into an actionable message.</summary>
+    public static void EnsureLoaded()
+    {
+        if (s_loaded) return;
+        try
+        {
+            _ = TorchSharp.torch.__version__;
+            using var probe = ones(1);
+            s_loaded = true;
+        }
+        catch (Exception e) when (e is TypeInitializationException or DllNotFoundException or NotSupportedException)
+        {
+            throw new LoraMixException(
+                "libtorch could not be loaded. On Debian 12 / Ubuntu 22.04 TorchSharp's libLibTorchSharp.so needs a newer " +
+                "libstdc++ (GLIBCXX_3.4.32); LoraMix's build patches its own copy of that library automatically (see " +
+                "build/LoraMix.NativeFix.targets): build through the LoraMix projects, or set LoraMixSkipNativeFix=false. " +
+                $"Loader error: {e.GetBaseException().Message}", e);
+        }
+    }
+}
