@@ -33,7 +33,7 @@ internal static class ModelCommands
     {
         var model = ModelOption();
         var promptIds = new Option<string>("--prompt-ids") { Description = "Prompt token ids, comma- or space-separated (e.g. \"1,2,3\").", Required = true };
-        var maxNew = new Option<int>("--max-new-tokens") { Description = "Maximum tokens to generate.", DefaultValueFactory = _ => 128 };
+        var maxNew = new Option<int>("--max-new-tokens") { Description = "Maximum tokens to generate (default 256, as llama2.c).", DefaultValueFactory = _ => 256 };
         var temperature = new Option<double>("--temperature") { Description = "Sampling temperature; 0 is greedy.", DefaultValueFactory = _ => 1.0 };
         var topK = new Option<int>("--top-k") { Description = "Keep the K most likely tokens (0 = off).", DefaultValueFactory = _ => 0 };
         var topP = new Option<double>("--top-p") { Description = "Nucleus sampling mass (1 = off).", DefaultValueFactory = _ => 1.0 };

@@ -213,7 +213,9 @@ public sealed partial class SafetensorsCheckpoint : IDisposable
     /// never start a shard). With one shard
     /// the result is a plain <c>model.safetensors</c> and no index; otherwise <c>model-00001-of-0000K.safetensors</c> ...
     /// plus <c>model.safetensors.index.json</c> (<c>metadata.total_size</c> = bytes of tensor data, <c>weight_map</c> sorted by
-    /// name), written last. Every file is written atomically (see <see cref="SafetensorsWriter"/>); each shard carries
+    /// name), written last. Every file is written atomically (see <see cref="SafetensorsWriter"/>), and shards are first
+    /// written under hidden temporary names and renamed into place only once all of them are complete, so a failure
+    /// (e.g. <paramref name="produce"/> throwing) leaves the directory as it was; each shard carries
     /// <paramref name="metadata"/>. Afterwards, files of an earlier save that the new one supersedes are removed: a stale
     /// index or stale <c>model-*-of-*.safetensors</c> shards, or a stale <c>model.safetensors</c> when the new save is sharded.
     /// </summary>
@@ -263,12 +265,27 @@ public sealed partial class SafetensorsCheckpoint : IDisposable
         else
         {
             var weightMap = new SortedDictionary<string, string>(StringComparer.Ordinal);
-            for (int i = 0; i < shards.Count; i++)
+            // Shards are staged under hidden names and renamed only once all of them are complete, so a failure
+            // halfway leaves an earlier checkpoint in the directory intact (no mix of old and new shards).
+            var staged = new List<(string Temp, string Final)>();
+            try
             {
-                string file = $"model-{i + 1:D5}-of-{shards.Count:D5}.safetensors";
-                SafetensorsWriter.Write(Path.Combine(directory, file), shards[i], produce, metadata);
-                written.Add(file);
-                foreach (var spec in shards[i]) weightMap[spec.Name] = file;
+                for (int i = 0; i < shards.Count; i++)
+                {
+                    string file = $"model-{i + 1:D5}-of-{shards.Count:D5}.safetensors";
+                    string temp = Path.Combine(directory, $".{file}.{Environment.ProcessId}.{Guid.NewGuid():N}.partial");
+                    staged.Add((temp, Path.Combine(directory, file)));
+                    SafetensorsWriter.Write(temp, shards[i], produce, metadata);
+                    written.Add(file);
+                    foreach (var spec in shards[i]) weightMap[spec.Name] = file;
+                }
+                foreach (var (temp, final) in staged) File.Move(temp, final, overwrite: true);
+            }
+            catch
+            {
+                foreach (var (temp, _) in staged)
+                    try { File.Delete(temp); } catch (IOException) { } catch (UnauthorizedAccessException) { }
+                throw;
             }
             SafetensorsWriter.WriteAtomically(index, stream => WriteIndex(stream, totalBytes, weightMap));
             DeleteIfExists(single);

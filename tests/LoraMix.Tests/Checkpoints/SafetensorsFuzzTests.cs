@@ -293,6 +293,7 @@ public sealed partial class SafetensorsFuzzTests : IDisposable
     public void CorruptedFiles_EitherLoadOrThrowSafetensorsFormatException()
     {
         byte[] valid = s_base.Value;
+        int loaded = 0, rejected = 0;
         GenCorruption.Sample(corruption =>
         {
             byte[] bytes = corruption.Apply(valid);
@@ -300,13 +301,15 @@ public sealed partial class SafetensorsFuzzTests : IDisposable
             File.WriteAllBytes(path, bytes);
             try
             {
-                LoadEverything(path);
+                Interlocked.Increment(ref LoadEverything(path) ? ref loaded : ref rejected);
             }
             finally
             {
                 File.Delete(path);
             }
         }, iter: 1000);
+        // Both outcomes occur (harmless data flips load; most header damage is caught), so the fuzzer is not degenerate.
+        Assert.True(loaded > 0 && rejected > loaded, $"loaded {loaded}, rejected {rejected}");
     }
 
     [Fact]
@@ -333,8 +336,9 @@ public sealed partial class SafetensorsFuzzTests : IDisposable
         }, iter: 500);
     }
 
-    /// <summary>Opens the file and reads every tensor two ways; anything but success or a SafetensorsFormatException fails.</summary>
-    private static void LoadEverything(string path)
+    /// <summary>Opens the file and reads every tensor two ways: true when it loads, false on SafetensorsFormatException;
+    /// any other exception fails the test.</summary>
+    private static bool LoadEverything(string path)
     {
         using var scope = NewDisposeScope();
         try
@@ -348,13 +352,12 @@ public sealed partial class SafetensorsFuzzTests : IDisposable
                 var converted = zeros(entry.Shape, ScalarType.Float32);
                 reader.ReadInto(entry.Name, converted);
             }
-            lock (s_base) File.AppendAllText("/tmp/fuzzmsgs.txt", "OK\n");
+            return true;
         }
         catch (SafetensorsFormatException e)
         {
             Assert.StartsWith(path + ": ", e.Message);
-            lock (s_base) File.AppendAllText("/tmp/fuzzmsgs.txt", System.Text.RegularExpressions.Regex.Replace(e.Message[(path.Length + 2)..], @"\d+", "N") + "\n");
-            return;
+            return false;
         }
     }
 

@@ -152,6 +152,12 @@ public sealed class SafetensorsTests : IDisposable
         reader.ReadInto("w", view);
         StTest.AssertSame(w, view.contiguous());
 
+        // A contiguous view at a non-zero storage offset is filled in place, and nothing around it is touched.
+        var rows = full(new long[] { 6, 6 }, 9f);
+        reader.ReadInto("w", rows[1..5]);
+        StTest.AssertSame(w, rows[1..5]);
+        Assert.True(rows[0].eq(9f).all().item<bool>() && rows[5].eq(9f).all().item<bool>());
+
         var param = new TorchSharp.Modules.Parameter(zeros(4, 6), requires_grad: true);
         reader.ReadInto("w", param);
         StTest.AssertSame(w, param.detach());
@@ -214,6 +220,30 @@ public sealed class SafetensorsTests : IDisposable
         {
             Safetensors.ChunkBytes = saved;
         }
+    }
+
+    [Fact]
+    public void LargeTensors_MoveThroughNativeMemory_WithoutProportionalManagedAllocations()
+    {
+        using var scope = NewDisposeScope();
+        var big = randn(8 << 20); // 32 MiB
+        string path = _dir.File("big.safetensors");
+
+        long before = GC.GetAllocatedBytesForCurrentThread();
+        SafetensorsWriter.Write(path, [new("big", big)]);
+        long writeAllocated = GC.GetAllocatedBytesForCurrentThread() - before;
+
+        using var reader = SafetensorsReader.Open(path);
+        before = GC.GetAllocatedBytesForCurrentThread();
+        var read = reader.ReadTensor("big");
+        var into = zeros(8 << 20);
+        reader.ReadInto("big", into);
+        long readAllocated = GC.GetAllocatedBytesForCurrentThread() - before;
+
+        Assert.True(writeAllocated < 4 << 20, $"writer allocated {writeAllocated} managed bytes");
+        Assert.True(readAllocated < 1 << 20, $"reader allocated {readAllocated} managed bytes");
+        StTest.AssertSame(big, read);
+        StTest.AssertSame(big, into);
     }
 
     [Fact]
@@ -761,20 +791,30 @@ public sealed class SafetensorsTests : IDisposable
     }
 
     [Fact]
-    public void WriteDirectory_ProducerFailure_WritesNoIndexAndLeavesNoTempFiles()
+    public void WriteDirectory_ProducerFailure_LeavesTheDirectoryAsItWas()
     {
         using var scope = NewDisposeScope();
         var layout = DirLayout();
-        var tensors = DirTensors(layout, 6);
         string dir = _dir.File("fail");
+        Func<SafetensorsTensorSpec, Tensor> failing(Dictionary<string, Tensor> t) =>
+            s => s.Name == "model.norm.weight" ? throw new InvalidOperationException("boom") : t[s.Name];
 
-        Assert.Throws<InvalidOperationException>(() => SafetensorsCheckpoint.WriteDirectory(dir, layout,
-            s => s.Name == "model.norm.weight" ? throw new InvalidOperationException("boom") : tensors[s.Name], maxShardBytes: 100));
+        // Into an empty directory: nothing at all is left behind.
+        Assert.Throws<InvalidOperationException>(() =>
+            SafetensorsCheckpoint.WriteDirectory(dir, layout, failing(DirTensors(layout, 6)), maxShardBytes: 100));
+        Assert.Empty(Directory.EnumerateFileSystemEntries(dir));
 
-        var files = Directory.GetFiles(dir).Select(Path.GetFileName).ToList();
-        Assert.DoesNotContain("model.safetensors.index.json", files);
-        Assert.DoesNotContain(files, f => f!.EndsWith(".tmp", StringComparison.Ordinal));
-        Assert.Throws<CheckpointFormatException>(() => SafetensorsCheckpoint.OpenDirectory(dir));
+        // Over an earlier sharded checkpoint: every file keeps its bytes, and it still loads.
+        var old = DirTensors(layout, 7);
+        SafetensorsCheckpoint.WriteDirectory(dir, layout, s => old[s.Name], maxShardBytes: 100);
+        var before = Directory.GetFiles(dir).Order(StringComparer.Ordinal).Select(f => (f, File.ReadAllBytes(f))).ToList();
+        Assert.Throws<InvalidOperationException>(() =>
+            SafetensorsCheckpoint.WriteDirectory(dir, layout, failing(DirTensors(layout, 8)), maxShardBytes: 100));
+        var after = Directory.GetFiles(dir).Order(StringComparer.Ordinal).Select(f => (f, File.ReadAllBytes(f))).ToList();
+        Assert.Equal(before.Select(b => b.f), after.Select(a => a.f));
+        for (int i = 0; i < before.Count; i++) Assert.Equal(before[i].Item2, after[i].Item2);
+        using var ckpt = SafetensorsCheckpoint.OpenDirectory(dir);
+        StTest.AssertSame(old["lm_head.weight"], ckpt.ReadTensor("lm_head.weight"));
     }
 
     private string WriteShards(string name, params (string File, string[] Tensors)[] shards)
