@@ -331,17 +331,23 @@ public sealed record LlamaConfig
         {
             var n = Get(key);
             if (n is null) return null;
-            return n is JsonValue v && v.TryGetValue(out double d) ? d : throw Wrong(key, "a number", n);
+            return AsNumber(n) ?? throw Wrong(key, "a number", n);
         }
 
         public int? Int(string key)
         {
             var n = Get(key);
             if (n is null) return null;
-            if (n is JsonValue v && v.TryGetValue(out double d) && d == Math.Floor(d) && d >= int.MinValue && d <= int.MaxValue)
+            if (AsNumber(n) is double d && d == Math.Floor(d) && d >= int.MinValue && d <= int.MaxValue)
                 return (int)d;
             throw Wrong(key, "an integer", n);
         }
+
+        // Numbers parsed from text and numbers built in code (JsonValue<int>) alike.
+        private static double? AsNumber(JsonNode n) =>
+            n is JsonValue && n.GetValueKind() == JsonValueKind.Number
+                ? double.Parse(n.ToJsonString(), NumberStyles.Float, CultureInfo.InvariantCulture)
+                : null;
 
         public int RequiredInt(string key) =>
             Int(key) ?? throw new ModelConfigException(source, prefix + key, "missing (required)");
@@ -355,7 +361,7 @@ public sealed record LlamaConfig
                 var list = new List<int>();
                 foreach (var e in a)
                 {
-                    if (e is JsonValue v && v.TryGetValue(out double d) && d == Math.Floor(d)) list.Add((int)d);
+                    if (e is not null && AsNumber(e) is double d && d == Math.Floor(d) && d >= 0 && d <= int.MaxValue) list.Add((int)d);
                     else throw Wrong(key, "an integer or a list of integers", n);
                 }
                 return list;
