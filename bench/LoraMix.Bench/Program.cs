@@ -12,6 +12,8 @@ bool quick = args.Contains("--quick");
 CultureInfo.DefaultThreadCurrentCulture = CultureInfo.InvariantCulture;
 CultureInfo.CurrentCulture = CultureInfo.InvariantCulture;
 LoraMix.Torch.TorchRuntime.EnsureLoaded();
+bool tuned = !args.Contains("--no-allocator-tuning") && LoraMix.Torch.TorchRuntime.TuneNativeAllocator();
+Console.WriteLine($"native allocator tuning (mallopt): {(tuned ? "on" : "off")}");
 Console.WriteLine($"libtorch {torch.__version__}, threads {torch.get_num_threads()}, {Environment.ProcessorCount} cores, {DateTime.UtcNow:yyyy-MM-dd}");
 
 double Best(int reps, Action run)

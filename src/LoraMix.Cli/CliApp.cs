@@ -26,6 +26,7 @@ public static class CliApp
     {
         stdout ??= Console.Out;
         stderr ??= Console.Error;
+        Torch.TorchRuntime.TuneNativeAllocator();
         var root = BuildRoot();
         var parsed = root.Parse(args);
         if (parsed.Errors.Count > 0)
