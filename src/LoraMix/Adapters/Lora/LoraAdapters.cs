@@ -1,0 +1,212 @@
+using LoraMix.Checkpoints;
+using LoraMix.Modeling;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace LoraMix.Adapters.Lora;
+
+/// <summary>
+/// Attaches, saves, loads, activates and merges PEFT-compatible LoRA adapters on a <see cref="LlamaForCausalLM"/>.
+/// Several named adapters can live on one model; the file format is PEFT's (<c>adapter_config.json</c> +
+/// <c>adapter_model.safetensors</c>, keys <c>base_model.model.&lt;module&gt;.lora_A.weight</c> [r, in] and
+/// <c>.lora_B.weight</c> [out, r]).
+/// </summary>
+public static class LoraAdapters
+{
+    public const string ConfigFileName = "adapter_config.json";
+    public const string WeightsFileName = "adapter_model.safetensors";
+    private const string PeftPrefix = "base_model.model.";
+
+    /// <summary>The linear slots of the decoder with their Hugging Face module paths.</summary>
+    public static IEnumerable<(string Path, Func<nn.Module<Tensor, Tensor>> Get, Action<nn.Module<Tensor, Tensor>> Set)> LinearSlots(LlamaForCausalLM model)
+    {
+        var layers = model.Model.Layers;
+        for (int i = 0; i < layers.Count; i++)
+        {
+            var attn = layers[i].SelfAttention;
+            foreach (var name in LlamaAttention.ProjectionNames)
+                yield return ($"model.layers.{i}.self_attn.{name}", () => attn.GetProjection(name), m => attn.SetProjection(name, m));
+            if (layers[i].FeedForward is LlamaMlp mlp)
+                foreach (var name in LlamaMlp.ProjectionNames)
+                    yield return ($"model.layers.{i}.mlp.{name}", () => mlp.GetProjection(name), m => mlp.SetProjection(name, m));
+        }
+    }
+
+    /// <summary>The adapted layers (those with at least one adapter) by module path.</summary>
+    public static IReadOnlyList<(string Path, AdaptedLinear Layer)> AdaptedLayers(LlamaForCausalLM model) =>
+        LinearSlots(model).Select(s => (s.Path, Layer: s.Get() as AdaptedLinear)).Where(s => s.Layer is not null)
+            .Select(s => (s.Path, s.Layer!)).ToList();
+
+    /// <summary>Adds a new LoRA adapter on every targeted linear layer and makes it the active adapter.</summary>
+    public static void Attach(LlamaForCausalLM model, LoraConfig config, string adapterName = "default", long seed = 0)
+    {
+        config.Validate();
+        using var gen = new TorchSharp.torch.Generator((ulong)seed, CPU);
+        int count = 0;
+        foreach (var (path, get, set) in LinearSlots(model))
+        {
+            if (!config.Targets(path)) continue;
+            var slot = get();
+            var adapted = slot as AdaptedLinear;
+            if (adapted is null)
+            {
+                if (slot is not LinearLayer dense)
+                    throw new LoraMixException($"cannot attach LoRA to '{path}': the slot holds a {slot.GetType().Name}, not a linear layer");
+                adapted = new AdaptedLinear(dense);
+                set(adapted);
+            }
+            adapted.AddAdapter(adapterName, config.R, config.LoraAlpha, config.LoraDropout, config.UseRsLora, gen);
+            count++;
+        }
+        if (count == 0)
+            throw new LoraMixException($"target_modules matched no linear layer; available: {string.Join(", ", LoraConfig.LlamaLinearNames)} (or \"all-linear\")");
+        SetActive(model, adapterName);
+    }
+
+    /// <summary>Activates exactly the given adapters on every layer that has them (none = base model).</summary>
+    public static void SetActive(LlamaForCausalLM model, params string[] adapterNames)
+    {
+        var layers = AdaptedLayers(model);
+        foreach (var n in adapterNames)
+            if (!layers.Any(l => l.Layer.HasAdapter(n)))
+                throw new ArgumentException($"no adapter named '{n}' is attached; attached: {string.Join(", ", AdapterNames(model))}");
+        foreach (var (_, layer) in layers) layer.ActiveAdapters = adapterNames.Where(layer.HasAdapter).ToArray();
+    }
+
+    /// <summary>Names of all attached adapters.</summary>
+    public static IReadOnlyList<string> AdapterNames(LlamaForCausalLM model) =>
+        AdaptedLayers(model).SelectMany(l => l.Layer.AdapterNames).Distinct().ToList();
+
+    /// <summary>Freezes every base parameter and returns the trainable LoRA parameters of <paramref name="adapterName"/>.</summary>
+    public static IReadOnlyList<TorchSharp.Modules.Parameter> PrepareForTraining(LlamaForCausalLM model, string adapterName = "default")
+    {
+        foreach (var p in model.parameters()) p.requires_grad = false;
+        var trainable = new List<TorchSharp.Modules.Parameter>();
+        foreach (var (_, layer) in AdaptedLayers(model))
+        {
+            if (!layer.HasAdapter(adapterName)) continue;
+            var d = layer.GetAdapter(adapterName);
+            d.A.requires_grad = true;
+            d.B.requires_grad = true;
+            trainable.Add(d.A);
+            trainable.Add(d.B);
+        }
+        return trainable;
+    }
+
+    /// <summary>The adapter's tensors under PEFT key names, in module order.</summary>
+    public static IReadOnlyList<KeyValuePair<string, Tensor>> PeftStateDict(LlamaForCausalLM model, string adapterName = "default")
+    {
+        var list = new List<KeyValuePair<string, Tensor>>();
+        foreach (var (path, layer) in AdaptedLayers(model))
+        {
+            if (!layer.HasAdapter(adapterName)) continue;
+            var d = layer.GetAdapter(adapterName);
+            list.Add(new($"{PeftPrefix}{path}.lora_A.weight", d.A));
+            list.Add(new($"{PeftPrefix}{path}.lora_B.weight", d.B));
+        }
+        if (list.Count == 0) throw new ArgumentException($"no adapter named '{adapterName}' is attached");
+        return list;
+    }
+
+    /// <summary>Writes the adapter in PEFT layout (fp32 weights, <c>{"format": "pt"}</c> metadata), atomically per file.</summary>
+    public static void Save(LlamaForCausalLM model, LoraConfig config, string directory, string adapterName = "default")
+    {
+        Directory.CreateDirectory(directory);
+        var tensors = PeftStateDict(model, adapterName)
+            .Select(kv => new KeyValuePair<string, Tensor>(kv.Key, kv.Value.detach().to(ScalarType.Float32).cpu())).ToList();
+        try
+        {
+            SafetensorsWriter.Write(Path.Combine(directory, WeightsFileName), tensors, new Dictionary<string, string> { ["format"] = "pt" });
+        }
+        finally
+        {
+            foreach (var kv in tensors) kv.Value.Dispose();
+        }
+        AtomicFile.WriteAllText(Path.Combine(directory, ConfigFileName), config.ToPeftJson());
+    }
+
+    /// <summary>
+    /// Loads a PEFT LoRA adapter directory onto the model under <paramref name="adapterName"/> and activates it. The key set
+    /// must match what the config targets on this model exactly (missing, unexpected and mis-shaped keys are listed).
+    /// </summary>
+    public static LoraConfig Load(LlamaForCausalLM model, string directory, string adapterName = "default")
+    {
+        var config = LoraConfig.Load(Path.Combine(directory, ConfigFileName));
+        string weights = Path.Combine(directory, WeightsFileName);
+        if (!File.Exists(weights))
+        {
+            string bin = Path.Combine(directory, "adapter_model.bin");
+            throw new LoraMixException(File.Exists(bin)
+                ? $"{directory}: only adapter_model.bin is present; reading torch pickles arrives with the restricted pickle reader — convert it to adapter_model.safetensors"
+                : $"{directory}: {WeightsFileName} not found");
+        }
+        using var file = SafetensorsCheckpoint.OpenFile(weights);
+        Attach(model, config, adapterName);
+        try
+        {
+            var expected = PeftStateDict(model, adapterName).ToDictionary(kv => kv.Key, kv => kv.Value);
+            var names = new HashSet<string>(file.TensorNames);
+            var missing = expected.Keys.Where(k => !names.Contains(k)).ToList();
+            var unexpected = names.Where(n => !expected.ContainsKey(n)).Order().ToList();
+            var misshaped = expected.Where(kv => names.Contains(kv.Key) && !file.GetEntry(kv.Key).Shape.SequenceEqual(kv.Value.shape))
+                .Select(kv => $"{kv.Key}: file [{string.Join(", ", file.GetEntry(kv.Key).Shape)}] vs model [{string.Join(", ", kv.Value.shape)}]").ToList();
+            if (missing.Count + unexpected.Count + misshaped.Count > 0)
+                throw new StateDictMismatchException(weights, missing, unexpected, misshaped);
+            using var noGrad = no_grad();
+            foreach (var (name, t) in expected) file.ReadInto(name, t);
+        }
+        catch
+        {
+            Remove(model, adapterName);
+            throw;
+        }
+        return config;
+    }
+
+    /// <summary>Removes an adapter from every layer.</summary>
+    public static void Remove(LlamaForCausalLM model, string adapterName)
+    {
+        foreach (var (_, layer) in AdaptedLayers(model))
+            if (layer.HasAdapter(adapterName)) layer.RemoveAdapter(adapterName);
+    }
+
+    /// <summary>Folds the adapter into the base weights (see <see cref="AdaptedLinear.Merge"/>).</summary>
+    public static void Merge(LlamaForCausalLM model, string adapterName = "default")
+    {
+        foreach (var (_, layer) in AdaptedLayers(model))
+            if (layer.HasAdapter(adapterName)) layer.Merge(adapterName);
+    }
+
+    /// <summary>Undoes <see cref="Merge"/>.</summary>
+    public static void Unmerge(LlamaForCausalLM model, string adapterName = "default")
+    {
+        foreach (var (_, layer) in AdaptedLayers(model))
+            if (layer.HasAdapter(adapterName)) layer.Unmerge(adapterName);
+    }
+
+    /// <summary>
+    /// Writes a merged Hugging Face checkpoint (base weights + the adapter's update) to <paramref name="directory"/>,
+    /// tensor by tensor, without modifying the in-memory model.
+    /// </summary>
+    public static void ExportMerged(LlamaForCausalLM model, string directory, string adapterName = "default", ScalarType? dtype = null)
+    {
+        var deltas = AdaptedLayers(model).Where(l => l.Layer.HasAdapter(adapterName) && !l.Layer.IsMerged(adapterName))
+            .ToDictionary(l => l.Path + ".weight", l => l.Layer.GetAdapter(adapterName));
+        if (deltas.Count == 0 && !AdaptedLayers(model).Any(l => l.Layer.HasAdapter(adapterName)))
+            throw new ArgumentException($"no adapter named '{adapterName}' is attached");
+        ScalarType dt = dtype ?? model.DType;
+        var baseKeys = ModelPresets.Layout(model.Config).Select(e => e.Name).ToHashSet();
+        var sd = model.state_dict().Where(kv => baseKeys.Contains(kv.Key)).ToDictionary(kv => kv.Key, kv => kv.Value);
+        Directory.CreateDirectory(directory);
+        (model.Config with { TorchDtype = Torch.TorchRuntime.HfName(dt) }).Save(Path.Combine(directory, "config.json"));
+        var layout = ModelPresets.Layout(model.Config)
+            .Select(e => new SafetensorsTensorSpec(e.Name, SafetensorsDTypes.FromScalarType(dt), e.Shape)).ToList();
+        SafetensorsCheckpoint.WriteDirectory(directory, layout, spec =>
+        {
+            using var noGrad = no_grad();
+            var w = sd[spec.Name].detach();
+            return deltas.TryGetValue(spec.Name, out var d) ? (w.to(ScalarType.Float32) + d.DeltaWeight().to(ScalarType.Float32)).to(dt) : w.to(dt);
+        }, metadata: new Dictionary<string, string> { ["format"] = "pt" });
+    }
+}
