@@ -28,7 +28,7 @@ public static class AtomicFile
         }
         catch
         {
-            try { File.Delete(temp); } catch (IOException) { }
+            try { File.Delete(temp); } catch (IOException) { } catch (UnauthorizedAccessException) { }
             throw;
         }
     }

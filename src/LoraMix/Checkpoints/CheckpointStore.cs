@@ -287,7 +287,7 @@ public sealed partial class SafetensorsCheckpoint : IDisposable
                     try { File.Delete(temp); } catch (IOException) { } catch (UnauthorizedAccessException) { }
                 throw;
             }
-            SafetensorsWriter.WriteAtomically(index, stream => WriteIndex(stream, totalBytes, weightMap));
+            AtomicFile.Write(index, stream => WriteIndex(stream, totalBytes, weightMap));
             DeleteIfExists(single);
         }
         foreach (string stale in Directory.EnumerateFiles(directory, "model-*-of-*.safetensors"))

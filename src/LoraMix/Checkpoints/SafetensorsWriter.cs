@@ -80,7 +80,7 @@ public static class SafetensorsWriter
         ArgumentNullException.ThrowIfNull(produce);
         Safetensors.EnsureLittleEndian();
         var plan = Prepare(path, layout, metadata);
-        WriteAtomically(path, stream =>
+        AtomicFile.Write(path, stream =>
         {
             stream.Write(plan.Header);
             foreach (var (spec, bytes) in plan.Ordered)
@@ -215,30 +215,6 @@ public static class SafetensorsWriter
             done += chunk;
         }
         GC.KeepAlive(source);
-    }
-
-    /// <summary>Writes through <paramref name="write"/> into a temp file next to <paramref name="path"/>, flushes it to
-    /// disk, then renames it over <paramref name="path"/>. On failure the temp file is deleted and the target untouched.</summary>
-    internal static void WriteAtomically(string path, Action<FileStream> write)
-    {
-        string full = Path.GetFullPath(path);
-        string dir = Path.GetDirectoryName(full) ?? throw new ArgumentException($"'{path}' has no parent folder", nameof(path));
-        Directory.CreateDirectory(dir);
-        string temp = Path.Combine(dir, $".{Path.GetFileName(full)}.{Environment.ProcessId}.{Guid.NewGuid():N}.tmp");
-        try
-        {
-            using (var fs = new FileStream(temp, FileMode.CreateNew, FileAccess.Write, FileShare.None, 1 << 20))
-            {
-                write(fs);
-                fs.Flush(flushToDisk: true);
-            }
-            File.Move(temp, full, overwrite: true);
-        }
-        catch
-        {
-            try { File.Delete(temp); } catch (IOException) { } catch (UnauthorizedAccessException) { }
-            throw;
-        }
     }
 
     private static readonly UTF8Encoding s_strictUtf8 = new(encoderShouldEmitUTF8Identifier: false, throwOnInvalidBytes: true);
