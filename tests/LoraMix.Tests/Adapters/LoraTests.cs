@@ -234,4 +234,25 @@ public sealed class LoraTests : IDisposable
         Assert.All(trainable, p => Assert.NotNull(p.grad));
         Assert.Null(model.Model.EmbedTokens.Weight.grad);
     }
+
+    [Fact]
+    public void AdapterModelBinLoadsThroughTheRestrictedPickleReader()
+    {
+        using var scope = NewDisposeScope();
+        var cfg = TestModels.Llama;
+        using var model = TestModels.Random(cfg, 12);
+        var config = new LoraConfig { R = 4, LoraAlpha = 8, TargetModules = ["k_proj", "up_proj"] };
+        LoraAdapters.Attach(model, config);
+        RandomizeB(model, "default", 13);
+        LoraAdapters.Save(model, config, _dir);
+        // the same tensors as PEFT's legacy adapter_model.bin (torch zip pickle)
+        using (var st = SafetensorsCheckpoint.OpenFile(Path.Combine(_dir, "adapter_model.safetensors")))
+            TorchPickleWriter.Write(Path.Combine(_dir, "adapter_model.bin"), st.TensorNames.Select(n => new KeyValuePair<string, Tensor>(n, st.ReadTensor(n))).ToList());
+        File.Delete(Path.Combine(_dir, "adapter_model.safetensors"));
+        var ids = Ids(1, 3, 5);
+        var expected = model.Forward(ids);
+        using var fresh = TestModels.Random(cfg, 12);
+        LoraAdapters.Load(fresh, _dir);
+        Assert.True(expected.equal(fresh.Forward(ids)).all().item<bool>());
+    }
 }

@@ -133,28 +133,20 @@ public static class LoraAdapters
     public static LoraConfig Load(LlamaForCausalLM model, string directory, string adapterName = "default")
     {
         var config = LoraConfig.Load(Path.Combine(directory, ConfigFileName));
-        string weights = Path.Combine(directory, WeightsFileName);
-        if (!File.Exists(weights))
-        {
-            string bin = Path.Combine(directory, "adapter_model.bin");
-            throw new LoraMixException(File.Exists(bin)
-                ? $"{directory}: only adapter_model.bin is present; reading torch pickles arrives with the restricted pickle reader — convert it to adapter_model.safetensors"
-                : $"{directory}: {WeightsFileName} not found");
-        }
-        using var file = SafetensorsCheckpoint.OpenFile(weights);
+        using var weights = AdapterWeights.Open(directory, WeightsFileName);
         Attach(model, config, adapterName);
         try
         {
             var expected = PeftStateDict(model, adapterName).ToDictionary(kv => kv.Key, kv => kv.Value);
-            var names = new HashSet<string>(file.TensorNames);
-            var missing = expected.Keys.Where(k => !names.Contains(k)).ToList();
-            var unexpected = names.Where(n => !expected.ContainsKey(n)).Order().ToList();
-            var misshaped = expected.Where(kv => names.Contains(kv.Key) && !file.GetEntry(kv.Key).Shape.SequenceEqual(kv.Value.shape))
-                .Select(kv => $"{kv.Key}: file [{string.Join(", ", file.GetEntry(kv.Key).Shape)}] vs model [{string.Join(", ", kv.Value.shape)}]").ToList();
+            var shapes = weights.Shapes;
+            var missing = expected.Keys.Where(k => !shapes.ContainsKey(k)).ToList();
+            var unexpected = shapes.Keys.Where(n => !expected.ContainsKey(n)).Order().ToList();
+            var misshaped = expected.Where(kv => shapes.TryGetValue(kv.Key, out var shp) && !shp.SequenceEqual(kv.Value.shape))
+                .Select(kv => $"{kv.Key}: file [{string.Join(", ", shapes[kv.Key])}] vs model [{string.Join(", ", kv.Value.shape)}]").ToList();
             if (missing.Count + unexpected.Count + misshaped.Count > 0)
-                throw new StateDictMismatchException(weights, missing, unexpected, misshaped);
+                throw new StateDictMismatchException(weights.FilePath, missing, unexpected, misshaped);
             using var noGrad = no_grad();
-            foreach (var (name, t) in expected) file.ReadInto(name, t);
+            foreach (var (name, t) in expected) weights.ReadInto(name, t);
         }
         catch
         {
@@ -208,5 +200,49 @@ public static class LoraAdapters
             var w = sd[spec.Name].detach();
             return deltas.TryGetValue(spec.Name, out var d) ? (w.to(ScalarType.Float32) + d.DeltaWeight().to(ScalarType.Float32)).to(dt) : w.to(dt);
         }, metadata: new Dictionary<string, string> { ["format"] = "pt" });
+    }
+}
+
+/// <summary>
+/// An adapter's weight file: <c>adapter_model.safetensors</c> (preferred) or a torch zip pickle <c>adapter_model.bin</c>,
+/// read through the restricted unpickler (only tensor-rebuild globals are accepted).
+/// </summary>
+internal sealed class AdapterWeights : IDisposable
+{
+    private readonly SafetensorsCheckpoint? _safetensors;
+    private readonly IReadOnlyDictionary<string, Tensor>? _pickled;
+
+    private AdapterWeights(string path, SafetensorsCheckpoint? st, IReadOnlyDictionary<string, Tensor>? pickled)
+    {
+        FilePath = path;
+        _safetensors = st;
+        _pickled = pickled;
+        Shapes = st is not null
+            ? st.TensorNames.ToDictionary(n => n, n => st.GetEntry(n).Shape)
+            : pickled!.ToDictionary(kv => kv.Key, kv => kv.Value.shape);
+    }
+
+    public string FilePath { get; }
+    public IReadOnlyDictionary<string, long[]> Shapes { get; }
+
+    public static AdapterWeights Open(string directory, string safetensorsName, string binName = "adapter_model.bin")
+    {
+        string st = Path.Combine(directory, safetensorsName);
+        if (File.Exists(st)) return new AdapterWeights(st, SafetensorsCheckpoint.OpenFile(st), null);
+        string bin = Path.Combine(directory, binName);
+        if (File.Exists(bin)) return new AdapterWeights(bin, null, TorchPickleReader.Read(bin));
+        throw new LoraMixException($"{directory}: neither {safetensorsName} nor {binName} found");
+    }
+
+    public void ReadInto(string name, Tensor destination)
+    {
+        if (_safetensors is not null) _safetensors.ReadInto(name, destination);
+        else destination.copy_(_pickled![name]);
+    }
+
+    public void Dispose()
+    {
+        _safetensors?.Dispose();
+        if (_pickled is not null) foreach (var t in _pickled.Values) t.Dispose();
     }
 }
