@@ -75,3 +75,23 @@ public sealed class StateDictMismatchException : LoraMixException
         return $"{source}: the checkpoint does not match the model: {string.Join("; ", parts)}.";
     }
 }
+
+/// <summary>
+/// A tokenizer file (tokenizer.json, tokenizer.model, tokenizer_config.json) or tokenizer directory is missing,
+/// malformed or uses a feature LoraMix does not support.
+/// </summary>
+public sealed class TokenizerFileException : LoraMixException
+{
+    public TokenizerFileException(string file, string? key, string message, Exception? inner = null)
+        : base(key is null ? $"{file}: {message}" : $"{file}: '{key}': {message}", inner)
+    {
+        FilePath = file;
+        Key = key;
+    }
+
+    /// <summary>The offending file (or directory).</summary>
+    public string FilePath { get; }
+
+    /// <summary>The offending JSON key or field, when the problem is tied to one.</summary>
+    public string? Key { get; }
+}
