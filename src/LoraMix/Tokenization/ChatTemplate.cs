@@ -178,7 +178,7 @@ public enum ChatLoss
     None,
 }
 
-/// <summary>Options of <c>ChatRenderer.Render</c>.</summary>
+/// <summary>Options of <see cref="ChatRenderer.Render"/>.</summary>
 public sealed record ChatRenderOptions
 {
     /// <summary>Append the assistant turn opener (llama3, chatml). The <c>[INST]</c> families and plain have none.</summary>
