@@ -75,3 +75,24 @@ public sealed class StateDictMismatchException : LoraMixException
         return $"{source}: the checkpoint does not match the model: {string.Join("; ", parts)}.";
     }
 }
+
+/// <summary>An adapter configuration (<c>adapter_config.json</c> or a built config record) is invalid or unsupported.</summary>
+public sealed class AdapterConfigException : LoraMixException
+{
+    public AdapterConfigException(string source, string key, string reason)
+        : base($"{source}: '{key}': {reason}")
+    {
+        ConfigSource = source;
+        Key = key;
+        Reason = reason;
+    }
+
+    /// <summary>The file (or "adapter config" for an in-memory config).</summary>
+    public string ConfigSource { get; }
+
+    /// <summary>The offending key (or combination, e.g. <c>top_k</c> with <c>num_experts</c>).</summary>
+    public string Key { get; }
+
+    /// <summary>Why it was rejected, and what is accepted.</summary>
+    public string Reason { get; }
+}
