@@ -74,8 +74,8 @@ public static class RouterLosses
         {
             var m = mask.unsqueeze(1);
             var total = mask.sum();
-            f = (counts * m).sum(0) / total;
-            pBar = (p * m).sum(0) / total;
+            f = (counts * m).sum(0L) / total;
+            pBar = (p * m).sum(0L) / total;
         }
         return (f * pBar).sum() * e;
     }
@@ -99,7 +99,7 @@ public static class RouterLosses
         var m = attentionMask.reshape(-1).to(dtype, logits.device);
         if (m.shape[0] != flat[0].shape[0])
             throw new ArgumentException($"attention mask has {m.shape[0]} tokens but each layer's router logits have {flat[0].shape[0]}", nameof(attentionMask));
-        if (m.sum().item<double>() <= 0) throw new ArgumentException("the attention mask has no real token", nameof(attentionMask));
+        if (m.sum().to(ScalarType.Float64).item<double>() <= 0) throw new ArgumentException("the attention mask has no real token", nameof(attentionMask));
         var mask = flat.Count == 1 ? m : cat(Enumerable.Repeat(m, flat.Count).ToList(), 0);
         return (logits, mask);
     }

@@ -47,14 +47,14 @@ public sealed class RoutingStatistics
         var experts = record.Experts.reshape(-1, k);
         var slotWeight = (record.Active?.reshape(-1, k).to(ScalarType.Float64) ?? ones(experts.shape, dtype: ScalarType.Float64))
                          * real.unsqueeze(1);
-        var assignments = zeros(experts.shape[0], e, dtype: ScalarType.Float64).scatter_add_(1, experts, slotWeight).sum(0);
+        var assignments = zeros(experts.shape[0], e, dtype: ScalarType.Float64).scatter_add_(1, experts, slotWeight).sum(0L);
 
         if (!_layers.TryGetValue(record.Layer, out var acc))
             _layers[record.Layer] = acc = new Acc { Assignments = new double[e], Probability = new double[e] };
         acc.Tokens += (long)real.sum().item<double>();
         acc.EntropySum += (entropy * real).sum().item<double>();
         var a = assignments.data<double>().ToArray();
-        var pr = (p * real.unsqueeze(1)).sum(0).data<double>().ToArray();
+        var pr = (p * real.unsqueeze(1)).sum(0L).data<double>().ToArray();
         for (int i = 0; i < e; i++)
         {
             acc.Assignments[i] += a[i];
