@@ -306,4 +306,40 @@ public sealed class MixLoraDispatchTests
         Assert.Equal([0, 1, 2], policy.Layers);
         Assert.All(routing.Trace!.Row(0), t => Assert.All(t.Layers, l => Assert.Equal([0], l.Experts)));
     }
+
+    [Fact]
+    public void LiveTensorCountStaysFlatOverTrainingStepsAndCachedDecoding()
+    {
+        var config = MixLoraTestKit.Config();
+        using var model = MixLoraTestKit.Model(config, 14);
+        MixLoraAdapters.PrepareForTraining(model);
+        var stats = TorchSharp.DisposeScopeManager.Statistics;
+        using var routing = new RoutingContext { Collector = new RouterLogitsCollector() };
+        var counts = new List<long>();
+        model.train();
+        for (int step = 0; step < 5; step++)
+        {
+            using var scope = NewDisposeScope();
+            var ids = tensor(new long[] { 1, 2, 3, 4, 5, 6, 7, 8 }).view(2, 4);
+            var logits = model.Forward(ids, attentionMask: ones(2, 4, dtype: ScalarType.Int64), routing: routing);
+            var loss = logits.pow(2).mean() + MixLoraLosses.Compute(config, routing.Collector!).Total;
+            loss.backward();
+            counts.Add(stats.ThreadTotalLiveCount);
+        }
+        Assert.Equal(counts[2], counts[^1]);
+
+        model.eval();
+        using var cache = model.CreateCache(1, 64);
+        var trace = new RoutingContext { Trace = new RoutingTrace() };
+        counts.Clear();
+        using (no_grad())
+            for (int step = 0; step < 10; step++)
+            {
+                using var scope = NewDisposeScope();
+                model.Forward(tensor(new long[] { step + 1 }).unsqueeze(0), cache, routing: trace);
+                counts.Add(stats.ThreadTotalLiveCount);
+            }
+        Assert.Equal(counts[2], counts[^1]);
+        Assert.Equal(10, trace.Trace!.Row(0).Count);
+    }
 }
