@@ -95,3 +95,24 @@ public sealed class TokenizerFileException : LoraMixException
     /// <summary>The offending JSON key or field, when the problem is tied to one.</summary>
     public string? Key { get; }
 }
+
+/// <summary>An adapter configuration (<c>adapter_config.json</c> or a built config record) is invalid or unsupported.</summary>
+public sealed class AdapterConfigException : LoraMixException
+{
+    public AdapterConfigException(string source, string key, string reason)
+        : base($"{source}: '{key}': {reason}")
+    {
+        ConfigSource = source;
+        Key = key;
+        Reason = reason;
+    }
+
+    /// <summary>The file (or "adapter config" for an in-memory config).</summary>
+    public string ConfigSource { get; }
+
+    /// <summary>The offending key (or combination, e.g. <c>top_k</c> with <c>num_experts</c>).</summary>
+    public string Key { get; }
+
+    /// <summary>Why it was rejected, and what is accepted.</summary>
+    public string Reason { get; }
+}

@@ -1,3 +1,4 @@
+using LoraMix.Routing;
 using static TorchSharp.torch;
 
 namespace LoraMix.Modeling;
@@ -21,4 +22,11 @@ public sealed class ForwardContext
     public KvCache? Cache { get; init; }
     /// <summary>The first cache slot of this step's tokens.</summary>
     public long Start { get; init; }
+    /// <summary>Real-token mask [B, T] (bool, true = real token) of this step, or null when nothing is padded.</summary>
+    public Tensor? TokenMask { get; init; }
+    /// <summary>
+    /// The one routing context of this forward call (router policy, privilege labels, router-logit collector, routing
+    /// trace), or null: mixture-of-experts blocks then route freely and record nothing.
+    /// </summary>
+    public RoutingContext? Routing { get; init; }
 }

@@ -1,4 +1,5 @@
 using LoraMix.Checkpoints;
+using LoraMix.Routing;
 using LoraMix.Torch;
 using TorchSharp;
 using TorchSharp.Utils;
@@ -50,16 +51,18 @@ public sealed class LlamaForCausalLM : nn.Module
     /// <param name="cache">A cache to append to (incremental decoding), or null for a self-contained forward.</param>
     /// <param name="attentionMask">[B, T], 1 for real tokens and 0 for (left) padding; null when nothing is padded.</param>
     /// <param name="lastOnly">Project only the last position to the vocabulary (generation).</param>
-    public Tensor Forward(Tensor inputIds, KvCache? cache = null, Tensor? attentionMask = null, bool lastOnly = false)
+    /// <param name="routing">The routing context for mixture-of-experts blocks (policy, collector, trace), or null.</param>
+    public Tensor Forward(Tensor inputIds, KvCache? cache = null, Tensor? attentionMask = null, bool lastOnly = false,
+        RoutingContext? routing = null)
     {
         using var scope = NewDisposeScope();
-        var hidden = ForwardHidden(inputIds, cache, attentionMask);
+        var hidden = ForwardHidden(inputIds, cache, attentionMask, routing);
         if (lastOnly) hidden = hidden.narrow(1, hidden.shape[1] - 1, 1);
         return nn.functional.linear(hidden, OutputWeight).MoveToOuterDisposeScope();
     }
 
     /// <summary>Runs embeddings, every layer and the final norm; returns hidden states [B, T, hidden].</summary>
-    public Tensor ForwardHidden(Tensor inputIds, KvCache? cache = null, Tensor? attentionMask = null)
+    public Tensor ForwardHidden(Tensor inputIds, KvCache? cache = null, Tensor? attentionMask = null, RoutingContext? routing = null)
     {
         if (inputIds.dim() != 2)
             throw new ArgumentException($"input ids must be [batch, seq], got [{string.Join(", ", inputIds.shape)}]", nameof(inputIds));
@@ -123,7 +126,12 @@ public sealed class LlamaForCausalLM : nn.Module
         }
 
         var (cos, sin) = _rotary.Lookup(positions, DType, maxPos);
-        var ctx = new ForwardContext { Cos = cos, Sin = sin, AttentionMask = attnMask, IsCausal = causal, Cache = cache, Start = start };
+        routing?.BeginForward(b, t, mask);
+        var ctx = new ForwardContext
+        {
+            Cos = cos, Sin = sin, AttentionMask = attnMask, IsCausal = causal, Cache = cache, Start = start,
+            TokenMask = mask, Routing = routing,
+        };
         var h = _model.EmbedTokens.call(ids);
         foreach (var layer in _model.Layers) h = layer.call(h, ctx);
         return _model.Norm.call(h).MoveToOuterDisposeScope();

@@ -80,7 +80,7 @@ public static class LoraAdapters
     /// <summary>Freezes every base parameter and returns the trainable LoRA parameters of <paramref name="adapterName"/>.</summary>
     public static IReadOnlyList<TorchSharp.Modules.Parameter> PrepareForTraining(LlamaForCausalLM model, string adapterName = "default")
     {
-        foreach (var p in model.parameters()) p.requires_grad = false;
+        AdapterFiles.FreezeAll(model);
         var trainable = new List<TorchSharp.Modules.Parameter>();
         foreach (var (_, layer) in AdaptedLayers(model))
         {
@@ -112,17 +112,7 @@ public static class LoraAdapters
     /// <summary>Writes the adapter in PEFT layout (fp32 weights, <c>{"format": "pt"}</c> metadata), atomically per file.</summary>
     public static void Save(LlamaForCausalLM model, LoraConfig config, string directory, string adapterName = "default")
     {
-        Directory.CreateDirectory(directory);
-        var tensors = PeftStateDict(model, adapterName)
-            .Select(kv => new KeyValuePair<string, Tensor>(kv.Key, kv.Value.detach().to(ScalarType.Float32).cpu())).ToList();
-        try
-        {
-            SafetensorsWriter.Write(Path.Combine(directory, WeightsFileName), tensors, new Dictionary<string, string> { ["format"] = "pt" });
-        }
-        finally
-        {
-            foreach (var kv in tensors) kv.Value.Dispose();
-        }
+        AdapterFiles.WriteWeights(directory, PeftStateDict(model, adapterName), AdapterFileFormats.Safetensors, WeightsFileName, "adapter_model.bin");
         AtomicFile.WriteAllText(Path.Combine(directory, ConfigFileName), config.ToPeftJson());
     }
 
@@ -137,16 +127,7 @@ public static class LoraAdapters
         Attach(model, config, adapterName);
         try
         {
-            var expected = PeftStateDict(model, adapterName).ToDictionary(kv => kv.Key, kv => kv.Value);
-            var shapes = weights.Shapes;
-            var missing = expected.Keys.Where(k => !shapes.ContainsKey(k)).ToList();
-            var unexpected = shapes.Keys.Where(n => !expected.ContainsKey(n)).Order().ToList();
-            var misshaped = expected.Where(kv => shapes.TryGetValue(kv.Key, out var shp) && !shp.SequenceEqual(kv.Value.shape))
-                .Select(kv => $"{kv.Key}: file [{string.Join(", ", shapes[kv.Key])}] vs model [{string.Join(", ", kv.Value.shape)}]").ToList();
-            if (missing.Count + unexpected.Count + misshaped.Count > 0)
-                throw new StateDictMismatchException(weights.FilePath, missing, unexpected, misshaped);
-            using var noGrad = no_grad();
-            foreach (var (name, t) in expected) weights.ReadInto(name, t);
+            weights.ReadStrict(PeftStateDict(model, adapterName));
         }
         catch
         {
@@ -200,49 +181,5 @@ public static class LoraAdapters
             var w = sd[spec.Name].detach();
             return deltas.TryGetValue(spec.Name, out var d) ? (w.to(ScalarType.Float32) + d.DeltaWeight().to(ScalarType.Float32)).to(dt) : w.to(dt);
         }, metadata: new Dictionary<string, string> { ["format"] = "pt" });
-    }
-}
-
-/// <summary>
-/// An adapter's weight file: <c>adapter_model.safetensors</c> (preferred) or a torch zip pickle <c>adapter_model.bin</c>,
-/// read through the restricted unpickler (only tensor-rebuild globals are accepted).
-/// </summary>
-internal sealed class AdapterWeights : IDisposable
-{
-    private readonly SafetensorsCheckpoint? _safetensors;
-    private readonly IReadOnlyDictionary<string, Tensor>? _pickled;
-
-    private AdapterWeights(string path, SafetensorsCheckpoint? st, IReadOnlyDictionary<string, Tensor>? pickled)
-    {
-        FilePath = path;
-        _safetensors = st;
-        _pickled = pickled;
-        Shapes = st is not null
-            ? st.TensorNames.ToDictionary(n => n, n => st.GetEntry(n).Shape)
-            : pickled!.ToDictionary(kv => kv.Key, kv => kv.Value.shape);
-    }
-
-    public string FilePath { get; }
-    public IReadOnlyDictionary<string, long[]> Shapes { get; }
-
-    public static AdapterWeights Open(string directory, string safetensorsName, string binName = "adapter_model.bin")
-    {
-        string st = Path.Combine(directory, safetensorsName);
-        if (File.Exists(st)) return new AdapterWeights(st, SafetensorsCheckpoint.OpenFile(st), null);
-        string bin = Path.Combine(directory, binName);
-        if (File.Exists(bin)) return new AdapterWeights(bin, null, TorchPickleReader.Read(bin));
-        throw new LoraMixException($"{directory}: neither {safetensorsName} nor {binName} found");
-    }
-
-    public void ReadInto(string name, Tensor destination)
-    {
-        if (_safetensors is not null) _safetensors.ReadInto(name, destination);
-        else destination.copy_(_pickled![name]);
-    }
-
-    public void Dispose()
-    {
-        _safetensors?.Dispose();
-        if (_pickled is not null) foreach (var t in _pickled.Values) t.Dispose();
     }
 }

@@ -1,0 +1,116 @@
+using LoraMix.Checkpoints;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace LoraMix.Adapters;
+
+/// <summary>Which weight files an adapter is written as.</summary>
+[Flags]
+public enum AdapterFileFormats
+{
+    /// <summary><c>adapter_model.safetensors</c> (LoraMix's default, PEFT's current format).</summary>
+    Safetensors = 1,
+    /// <summary><c>adapter_model.bin</c>: a torch zip pickle that <c>torch.load(weights_only=True)</c> reads (MoE-PEFT's
+    /// format, PEFT's legacy one).</summary>
+    TorchBin = 2,
+    Both = Safetensors | TorchBin,
+}
+
+/// <summary>What every adapter format shares: freezing the base, writing fp32 weight files, strict loading by key.</summary>
+internal static class AdapterFiles
+{
+    /// <summary>Sets <c>requires_grad = false</c> on every parameter of the module (the base and all adapters).</summary>
+    public static void FreezeAll(nn.Module module)
+    {
+        foreach (var p in module.parameters()) p.requires_grad = false;
+    }
+
+    /// <summary>Writes the tensors in order as fp32 CPU copies to the requested files, each atomically.</summary>
+    public static void WriteWeights(string directory, IReadOnlyList<KeyValuePair<string, Tensor>> tensors, AdapterFileFormats formats,
+        string safetensorsName, string binName)
+    {
+        if ((formats & AdapterFileFormats.Both) == 0) throw new ArgumentException("no adapter file format requested", nameof(formats));
+        Directory.CreateDirectory(directory);
+        var copies = tensors.Select(kv => new KeyValuePair<string, Tensor>(kv.Key, kv.Value.detach().to(ScalarType.Float32).cpu().contiguous())).ToList();
+        try
+        {
+            if (formats.HasFlag(AdapterFileFormats.Safetensors))
+                SafetensorsWriter.Write(Path.Combine(directory, safetensorsName), copies, new Dictionary<string, string> { ["format"] = "pt" });
+            if (formats.HasFlag(AdapterFileFormats.TorchBin))
+                TorchPickleWriter.Write(Path.Combine(directory, binName), copies);
+        }
+        finally
+        {
+            foreach (var kv in copies) kv.Value.Dispose();
+        }
+    }
+}
+
+/// <summary>
+/// An adapter's weight file: <c>adapter_model.safetensors</c> (preferred) or a torch zip pickle <c>adapter_model.bin</c>,
+/// read through the restricted unpickler (only tensor-rebuild globals are accepted).
+/// </summary>
+internal sealed class AdapterWeights : IDisposable
+{
+    private readonly SafetensorsCheckpoint? _safetensors;
+    private readonly IReadOnlyDictionary<string, Tensor>? _pickled;
+
+    private AdapterWeights(string path, SafetensorsCheckpoint? st, IReadOnlyDictionary<string, Tensor>? pickled)
+    {
+        FilePath = path;
+        _safetensors = st;
+        _pickled = pickled;
+        Shapes = st is not null
+            ? st.TensorNames.ToDictionary(n => n, n => st.GetEntry(n).Shape)
+            : pickled!.ToDictionary(kv => kv.Key, kv => kv.Value.shape);
+    }
+
+    public string FilePath { get; }
+    public IReadOnlyDictionary<string, long[]> Shapes { get; }
+
+    public static AdapterWeights Open(string directory, string safetensorsName, string binName = "adapter_model.bin")
+    {
+        string st = Path.Combine(directory, safetensorsName);
+        if (File.Exists(st)) return new AdapterWeights(st, SafetensorsCheckpoint.OpenFile(st), null);
+        string bin = Path.Combine(directory, binName);
+        if (File.Exists(bin)) return new AdapterWeights(bin, null, TorchPickleReader.Read(bin));
+        throw new LoraMixException($"{directory}: neither {safetensorsName} nor {binName} found");
+    }
+
+    public void ReadInto(string name, Tensor destination)
+    {
+        if (_safetensors is not null) _safetensors.ReadInto(name, destination);
+        else destination.copy_(_pickled![name]);
+    }
+
+    /// <summary>
+    /// Fills every expected tensor from the file. The file's key set must equal the expected one (after
+    /// <paramref name="canonicalName"/> maps file keys, e.g. legacy names, to expected ones) with equal shapes; otherwise a
+    /// <see cref="StateDictMismatchException"/> lists every missing, unexpected and mis-shaped key.
+    /// </summary>
+    public void ReadStrict(IReadOnlyList<KeyValuePair<string, Tensor>> expectedTensors, Func<string, string>? canonicalName = null)
+    {
+        var expected = expectedTensors.ToDictionary(kv => kv.Key, kv => kv.Value);
+        var fileKeyOf = new Dictionary<string, string>(StringComparer.Ordinal);
+        var duplicates = new List<string>();
+        foreach (var fileKey in Shapes.Keys)
+        {
+            string name = canonicalName?.Invoke(fileKey) ?? fileKey;
+            if (!fileKeyOf.TryAdd(name, fileKey)) duplicates.Add($"{fileKey} (same tensor as {fileKeyOf[name]})");
+        }
+        var missing = expected.Keys.Where(k => !fileKeyOf.ContainsKey(k)).ToList();
+        var unexpected = fileKeyOf.Where(kv => !expected.ContainsKey(kv.Key)).Select(kv => kv.Value).Concat(duplicates).Order().ToList();
+        var misshaped = expected.Where(kv => fileKeyOf.TryGetValue(kv.Key, out var f) && !Shapes[f].SequenceEqual(kv.Value.shape))
+            .Select(kv => $"{fileKeyOf[kv.Key]}: file [{string.Join(", ", Shapes[fileKeyOf[kv.Key]])}] vs model [{string.Join(", ", kv.Value.shape)}]").ToList();
+        if (missing.Count + unexpected.Count + misshaped.Count > 0)
+            throw new StateDictMismatchException(FilePath, missing, unexpected, misshaped);
+        using var noGrad = no_grad();
+        foreach (var (name, t) in expected) ReadInto(fileKeyOf[name], t);
+    }
+
+    public void Dispose()
+    {
+        _safetensors?.Dispose();
+        if (_pickled is not null) foreach (var t in _pickled.Values) t.Dispose();
+    }
+}

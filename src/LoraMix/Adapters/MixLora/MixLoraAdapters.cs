@@ -1,0 +1,197 @@
+using System.Text.RegularExpressions;
+using LoraMix.Adapters.Lora;
+using LoraMix.Modeling;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace LoraMix.Adapters.MixLora;
+
+/// <summary>
+/// Attaches, activates, trains, saves and loads MoE-PEFT-compatible MixLoRA adapters on a <see cref="LlamaForCausalLM"/>,
+/// parallel to <see cref="LoraAdapters"/> (whose machinery carries the attention LoRAs). Files: <c>adapter_config.json</c>
+/// as MoE-PEFT writes it, and the same fp32 tensors as <c>adapter_model.bin</c> (torch zip pickle) and/or
+/// <c>adapter_model.safetensors</c>, with MoE-PEFT's keys (research/mixlora.md §2):
+/// <c>mixlora.layers.{L}.mlp.moe_gate.weight</c> [E, hidden],
+/// <c>mixlora.layers.{L}.self_attn.{proj}.lora_A|lora_B.weight</c>,
+/// <c>mixlora.layers.{L}.mlp.{proj}.experts.{e}.lora_A|lora_B.weight</c>.
+/// </summary>
+public static class MixLoraAdapters
+{
+    public const string ConfigFileName = "adapter_config.json";
+    public const string SafetensorsFileName = "adapter_model.safetensors";
+    public const string BinFileName = "adapter_model.bin";
+    private const string Prefix = "mixlora.layers.";
+
+    /// <summary>The MixLoRA feed-forward blocks, by layer (empty before the first <see cref="Attach"/>).</summary>
+    public static IReadOnlyList<MixLoraFeedForward> Blocks(LlamaForCausalLM model) =>
+        model.Model.Layers.Select(l => l.FeedForward).OfType<MixLoraFeedForward>().ToList();
+
+    /// <summary>Names of the attached MixLoRA adapters.</summary>
+    public static IReadOnlyList<string> AdapterNames(LlamaForCausalLM model) =>
+        Blocks(model).SelectMany(b => b.AdapterNames).Distinct().ToList();
+
+    /// <summary>
+    /// Adds a MixLoRA adapter: a router and <c>num_experts</c> expert LoRAs in every layer's feed-forward block, plain LoRA
+    /// on the targeted attention projections, all under <paramref name="adapterName"/>; then makes it the active adapter.
+    /// Returns the config with <c>act_fn</c> resolved to the base model's activation when it was unset.
+    /// </summary>
+    public static MixLoraConfig Attach(LlamaForCausalLM model, MixLoraConfig config, string adapterName = "default", long seed = 0)
+    {
+        config.Validate();
+        if (AdapterNames(model).Contains(adapterName) || LoraAdapters.AdapterNames(model).Contains(adapterName))
+            throw new ArgumentException($"an adapter named '{adapterName}' is already attached");
+        config = config with { ActFn = config.ActFn ?? "silu" };   // LlamaConfig accepts hidden_act = silu only
+        if (config.AttentionLoraConfig() is { } attention) LoraAdapters.Attach(model, attention, adapterName, seed);
+        try
+        {
+            using var gen = new Generator((ulong)seed ^ 0x6D69786C6F7261UL, CPU);
+            var layers = model.Model.Layers;
+            for (int i = 0; i < layers.Count; i++)
+            {
+                var block = layers[i].FeedForward switch
+                {
+                    MixLoraFeedForward existing => existing,
+                    LlamaMlp dense => new MixLoraFeedForward(dense, model.Config, i),
+                    var other => throw new LoraMixException($"cannot attach MixLoRA to layer {i}: its feed-forward slot holds a {other.GetType().Name}"),
+                };
+                if (!ReferenceEquals(block, layers[i].FeedForward)) layers[i].SetFeedForward(block);
+                block.AddAdapter(adapterName, config, gen);
+            }
+        }
+        catch
+        {
+            Remove(model, adapterName);
+            throw;
+        }
+        SetActive(model, adapterName);
+        return config;
+    }
+
+    /// <summary>Makes <paramref name="adapterName"/> the only active adapter (its mixtures and its attention LoRA), or
+    /// deactivates every adapter (null: the base model).</summary>
+    public static void SetActive(LlamaForCausalLM model, string? adapterName)
+    {
+        var blocks = Blocks(model);
+        if (adapterName is not null && !blocks.Any(b => b.HasAdapter(adapterName)))
+            throw new ArgumentException($"no MixLoRA adapter named '{adapterName}' is attached; attached: {string.Join(", ", AdapterNames(model))}");
+        foreach (var b in blocks) b.ActiveAdapter = adapterName is not null && b.HasAdapter(adapterName) ? adapterName : null;
+        bool hasAttention = adapterName is not null && LoraAdapters.AdaptedLayers(model).Any(l => l.Layer.HasAdapter(adapterName));
+        if (hasAttention) LoraAdapters.SetActive(model, adapterName!);
+        else LoraAdapters.SetActive(model);
+    }
+
+    /// <summary>Freezes every parameter, then unfreezes and returns the adapter's: routers, expert A/B, attention A/B.</summary>
+    public static IReadOnlyList<Parameter> PrepareForTraining(LlamaForCausalLM model, string adapterName = "default")
+    {
+        var trainable = AdapterParameters(model, adapterName);
+        AdapterFiles.FreezeAll(model);
+        foreach (var p in trainable) p.requires_grad = true;
+        return trainable;
+    }
+
+    /// <summary>The adapter's parameters in file order (see <see cref="StateDict"/>).</summary>
+    public static IReadOnlyList<Parameter> AdapterParameters(LlamaForCausalLM model, string adapterName = "default") =>
+        Entries(model, adapterName).Select(e => e.Tensor).ToList();
+
+    /// <summary>Number of trainable scalars of the adapter.</summary>
+    public static long ParameterCount(LlamaForCausalLM model, string adapterName = "default") =>
+        AdapterParameters(model, adapterName).Sum(p => p.numel());
+
+    /// <summary>The adapter's tensors under MoE-PEFT's key names, in MoE-PEFT's order: per layer the router gate, the
+    /// attention projections (q, k, v, o; A then B), then gate_proj, down_proj, up_proj over experts 0..E−1 (A then B).</summary>
+    public static IReadOnlyList<KeyValuePair<string, Tensor>> StateDict(LlamaForCausalLM model, string adapterName = "default") =>
+        Entries(model, adapterName).Select(e => new KeyValuePair<string, Tensor>(e.Key, e.Tensor)).ToList();
+
+    private static List<(string Key, Parameter Tensor)> Entries(LlamaForCausalLM model, string adapterName)
+    {
+        var list = new List<(string, Parameter)>();
+        var layers = model.Model.Layers;
+        for (int i = 0; i < layers.Count; i++)
+        {
+            if (layers[i].FeedForward is not MixLoraFeedForward block || !block.HasAdapter(adapterName)) continue;
+            var mixture = block.GetAdapter(adapterName);
+            string p = $"{Prefix}{i}.";
+            list.Add((p + "mlp.moe_gate.weight", mixture.RouterWeight));
+            var attn = layers[i].SelfAttention;
+            foreach (var name in LlamaAttention.ProjectionNames)
+                if (attn.GetProjection(name) is AdaptedLinear a && a.HasAdapter(adapterName))
+                {
+                    var d = a.GetAdapter(adapterName);
+                    list.Add(($"{p}self_attn.{name}.lora_A.weight", d.A));
+                    list.Add(($"{p}self_attn.{name}.lora_B.weight", d.B));
+                }
+            foreach (var proj in MixLoraConfig.ExpertProjectionOrder)
+                for (int e = 0; e < mixture.Experts.Count; e++)
+                    if (mixture.Experts[e].Get(proj) is { } d)
+                    {
+                        list.Add(($"{p}mlp.{proj}.experts.{e}.lora_A.weight", d.A));
+                        list.Add(($"{p}mlp.{proj}.experts.{e}.lora_B.weight", d.B));
+                    }
+        }
+        if (list.Count == 0) throw new ArgumentException($"no MixLoRA adapter named '{adapterName}' is attached");
+        return list;
+    }
+
+    /// <summary>
+    /// Writes <c>adapter_config.json</c> (MoE-PEFT's export) and the weights (fp32; by default both
+    /// <c>adapter_model.bin</c> for MoE-PEFT and <c>adapter_model.safetensors</c>), each file atomically.
+    /// </summary>
+    public static void Save(LlamaForCausalLM model, MixLoraConfig config, string directory, string adapterName = "default",
+        AdapterFileFormats formats = AdapterFileFormats.Both)
+    {
+        string json = config.ToJson();
+        AdapterFiles.WriteWeights(directory, StateDict(model, adapterName), formats, SafetensorsFileName, BinFileName);
+        AtomicFile.WriteAllText(Path.Combine(directory, ConfigFileName), json);
+    }
+
+    /// <summary>
+    /// Loads a MixLoRA adapter directory (LoraMix's or MoE-PEFT's, current or legacy key scheme; safetensors preferred,
+    /// else <c>adapter_model.bin</c>) under <paramref name="adapterName"/> and activates it. The key set must be exactly
+    /// what the config implies for this model; otherwise nothing is attached and every mismatch is reported.
+    /// </summary>
+    public static MixLoraConfig Load(LlamaForCausalLM model, string directory, string adapterName = "default")
+    {
+        var config = MixLoraConfig.Load(Path.Combine(directory, ConfigFileName));
+        using var weights = AdapterWeights.Open(directory, SafetensorsFileName, BinFileName);
+        config = Attach(model, config, adapterName);
+        try
+        {
+            weights.ReadStrict(StateDict(model, adapterName), CanonicalKey);
+        }
+        catch
+        {
+            Remove(model, adapterName);
+            throw;
+        }
+        return config;
+    }
+
+    private static readonly Regex LegacyGate = new(@"^mixlora\.layers\.(\d+)\.gate\.weight$", RegexOptions.CultureInvariant);
+    private static readonly Regex LegacyExpert = new(@"^mixlora\.layers\.(\d+)\.experts\.(\d+)\.(\w+)\.(lora_[AB])\.weight$", RegexOptions.CultureInvariant);
+
+    /// <summary>Maps a legacy (pre-August-2024 m-LoRA) key to the current scheme; other keys are returned unchanged.
+    /// Legacy: <c>mixlora.layers.{L}.gate.weight</c> and <c>mixlora.layers.{L}.experts.{e}.{w1_proj|w2_proj|w3_proj|gate_proj|down_proj|up_proj}.lora_X.weight</c>.</summary>
+    public static string CanonicalKey(string key)
+    {
+        if (LegacyGate.Match(key) is { Success: true } g) return $"{Prefix}{g.Groups[1].Value}.mlp.moe_gate.weight";
+        if (LegacyExpert.Match(key) is { Success: true } m)
+        {
+            string proj = m.Groups[3].Value switch { "w1_proj" => "gate_proj", "w2_proj" => "down_proj", "w3_proj" => "up_proj", var x => x };
+            return $"{Prefix}{m.Groups[1].Value}.mlp.{proj}.experts.{m.Groups[2].Value}.{m.Groups[4].Value}.weight";
+        }
+        return key;
+    }
+
+    /// <summary>Removes the adapter (mixtures and attention LoRA); a block left without adapters becomes the dense MLP again.</summary>
+    public static void Remove(LlamaForCausalLM model, string adapterName)
+    {
+        foreach (var layer in model.Model.Layers)
+        {
+            if (layer.FeedForward is not MixLoraFeedForward block) continue;
+            if (block.HasAdapter(adapterName)) block.RemoveAdapter(adapterName);
+            if (block.AdapterNames.Count == 0) layer.SetFeedForward(block.Dense);
+        }
+        LoraAdapters.Remove(model, adapterName);
+    }
+}

@@ -1,0 +1,89 @@
+using static TorchSharp.torch;
+
+namespace LoraMix.Routing;
+
+/// <summary>One layer's choice for one token: the experts that ran and their weights, in slot order.</summary>
+public sealed record LayerRoute(int[] Experts, float[] Weights);
+
+/// <summary>One real token's routing in every MoE layer.</summary>
+/// <param name="Row">Batch row.</param>
+/// <param name="Position">Index of the token among the row's real tokens, counted over all forward calls.</param>
+/// <param name="Step">The forward call (0 = first, e.g. the prefill) that processed it.</param>
+/// <param name="Layers">Routes by layer, in the order the layers ran.</param>
+public sealed record TokenRoute(int Row, int Position, int Step, IReadOnlyList<LayerRoute> Layers);
+
+/// <summary>
+/// Records routing decisions across forward calls — a prefill and then each KV-cached decoding step — as host arrays,
+/// per token and per layer. Padding is skipped. This is what tests and <c>inspect-routing</c> read.
+/// </summary>
+public sealed class RoutingTrace
+{
+    private sealed class Step
+    {
+        public required long Batch, Length;
+        public required bool[] Real;                  // [B*T]
+        public readonly List<(int Layer, long K, long[] Experts, float[] Weights, bool[]? Active)> Layers = [];
+    }
+
+    private readonly List<Step> _steps = [];
+
+    /// <summary>Number of forward calls recorded.</summary>
+    public int StepCount => _steps.Count;
+
+    internal void BeginStep(long batch, long length, Tensor? tokenMask)
+    {
+        bool[] real;
+        if (tokenMask is null) { real = new bool[batch * length]; Array.Fill(real, true); }
+        else real = tokenMask.to(ScalarType.Bool).cpu().reshape(-1).data<bool>().ToArray();
+        _steps.Add(new Step { Batch = batch, Length = length, Real = real });
+    }
+
+    internal void Add(int layer, RoutingDecision d)
+    {
+        if (_steps.Count == 0) throw new InvalidOperationException("routing trace: a layer reported before the forward call began");
+        using var scope = NewDisposeScope();
+        long k = d.Experts.shape[^1];
+        var experts = d.Experts.detach().to(ScalarType.Int64).cpu().reshape(-1).data<long>().ToArray();
+        var weights = d.Weights.detach().to(ScalarType.Float32).cpu().reshape(-1).data<float>().ToArray();
+        var active = d.Active?.detach().cpu().reshape(-1).data<bool>().ToArray();
+        _steps[^1].Layers.Add((layer, k, experts, weights, active));
+    }
+
+    /// <summary>The routed real tokens of a batch row, in order, across every recorded step.</summary>
+    public IReadOnlyList<TokenRoute> Row(int row)
+    {
+        var tokens = new List<TokenRoute>();
+        int position = 0;
+        for (int s = 0; s < _steps.Count; s++)
+        {
+            var step = _steps[s];
+            if (row < 0 || row >= step.Batch) throw new ArgumentOutOfRangeException(nameof(row), row, $"step {s} has {step.Batch} rows");
+            for (long t = 0; t < step.Length; t++)
+            {
+                long n = row * step.Length + t;
+                if (!step.Real[n]) continue;
+                var layers = new List<LayerRoute>(step.Layers.Count);
+                foreach (var (_, k, experts, weights, active) in step.Layers)
+                {
+                    var e = new List<int>((int)k);
+                    var w = new List<float>((int)k);
+                    for (long j = 0; j < k; j++)
+                    {
+                        long i = n * k + j;
+                        if (active is not null && !active[i]) continue;
+                        e.Add((int)experts[i]);
+                        w.Add(weights[i]);
+                    }
+                    layers.Add(new LayerRoute(e.ToArray(), w.ToArray()));
+                }
+                tokens.Add(new TokenRoute(row, position++, s, layers));
+            }
+        }
+        return tokens;
+    }
+
+    /// <summary>The layer indices in the order they reported (from the first step).</summary>
+    public IReadOnlyList<int> LayerIndices => _steps.Count == 0 ? [] : _steps[0].Layers.Select(l => l.Layer).ToList();
+
+    public void Clear() => _steps.Clear();
+}
