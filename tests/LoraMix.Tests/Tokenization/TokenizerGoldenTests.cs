@@ -61,6 +61,7 @@ public sealed class TokenizerGoldenTests(ITestOutputHelper output)
         int seed = int.TryParse(Environment.GetEnvironmentVariable("LORAMIX_TOKENIZER_SEED"), out int sd) ? sd : 20240611;
         TextTokenizer tok = TokenizerFixtures.Load(family);
         var strings = RandomStrings(seed, count);
+        strings.AddRange(HardStrings(seed + 1, Math.Max(count / 4, 10)));
         var rows = TokenizerFixtures.RunReference(family, strings);
         var failures = Compare(tok, rows);
         Assert.True(failures.Count == 0, $"{family} (seed {seed}): {failures.Count}/{rows.Count} mismatches:\n{string.Join("\n", failures.Take(10))}");
@@ -133,6 +134,46 @@ public sealed class TokenizerGoldenTests(ITestOutputHelper output)
                 if (rng.Next(3) > 0) sb.Append(rng.Next(4) == 0 ? Spaces[rng.Next(Spaces.Length)] : " ");
             }
             if (rng.Next(5) == 0) sb.Append(Spaces[rng.Next(Spaces.Length)]);
+            list.Add(sb.ToString());
+        }
+        return list;
+    }
+
+    /// <summary>
+    /// Harder cases: arbitrary code points from all planes (unassigned, controls, combining marks, private use), long
+    /// runs of one character, and long texts mixing scripts with byte-fallback characters.
+    /// </summary>
+    internal static List<string> HardStrings(int seed, int count)
+    {
+        var rng = new Random(seed);
+        var list = new List<string>(count);
+        for (int k = 0; k < count; k++)
+        {
+            var sb = new StringBuilder();
+            switch (k % 4)
+            {
+                case 0:
+                    for (int i = rng.Next(1, 40); i > 0; i--)
+                    {
+                        int cp = rng.Next(4) switch
+                        {
+                            0 => rng.Next(0, 0x80),
+                            1 => rng.Next(0x80, 0x3000),
+                            2 => rng.Next(0x3000, 0x10000),
+                            _ => rng.Next(0x10000, 0x110000),
+                        };
+                        if (cp >= 0xD800 && cp <= 0xDFFF) cp = ' ';
+                        sb.Append(char.ConvertFromUtf32(cp));
+                    }
+                    break;
+                case 1:
+                    string unit = new[] { "a", " ", "ab", "0", "1", "\n", "😀", "é", "中", "'s", "!", "\t ", " a", "▁", "Ġ" }[rng.Next(15)];
+                    for (int i = rng.Next(2, 300); i > 0; i--) sb.Append(unit);
+                    break;
+                default:
+                    sb.Append(string.Join("", RandomStrings(rng.Next(), rng.Next(5, 40))));
+                    break;
+            }
             list.Add(sb.ToString());
         }
         return list;
