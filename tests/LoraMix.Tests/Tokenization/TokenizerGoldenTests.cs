@@ -112,6 +112,12 @@ public sealed class TokenizerGoldenTests(ITestOutputHelper output)
         "\ufeff", "\u0085", "\u00a0", "\u3000", "\u2028", "\u202f", "\u2009", "\u0000", "\u0007", "\u001b", "\u007f",
     ];
 
+    private static readonly string[] Dense =
+    [
+        "a", "b", "Z", " ", "  ", "\n", "1", "22", "333", "é", "中", "😀", "👍🏽", "𝐀", "𝐁", "𝟘", "𝟙", "𝟚", "𠀀", "𐐀", "𐐨",
+        "'s", "'LL", "\t", ".", "!", "ﬁ", "\ufeff", "\u0085", "\u00a0", "\r\n",
+    ];
+
     private static readonly string[] Spaces = [" ", " ", " ", " ", "  ", "   ", "    ", "\t", "\t\t", "\n", "\n\n", "\r\n", " \n", "\n ", " \t ", "\r", "\n\n\n", "        ", "\v", "\f"];
 
     internal static List<string> RandomStrings(int seed, int count)
@@ -170,8 +176,13 @@ public sealed class TokenizerGoldenTests(ITestOutputHelper output)
                     string unit = new[] { "a", " ", "ab", "0", "1", "\n", "😀", "é", "中", "'s", "!", "\t ", " a", "▁", "Ġ" }[rng.Next(15)];
                     for (int i = rng.Next(2, 300); i > 0; i--) sb.Append(unit);
                     break;
-                default:
+                case 2:
                     sb.Append(string.Join("", RandomStrings(rng.Next(), rng.Next(5, 40))));
+                    break;
+                default:
+                    // Dense mixes of astral letters/digits, emoji, ligatures and odd whitespace: where a UTF-16 regex
+                    // (e.g. Microsoft.ML.Tokenizers' RegexPreTokenizer) splits differently from the references.
+                    for (int i = rng.Next(1, 24); i > 0; i--) sb.Append(Dense[rng.Next(Dense.Length)]);
                     break;
             }
             list.Add(sb.ToString());
