@@ -35,6 +35,10 @@ public sealed partial class TextTokenizer
     private readonly int[] _byteSymbol;         // byte → id of its symbol (byte-level char, or <0xNN>); -1 if none
 
     // Byte-level
+    private const int MaxCachedWord = 48;           // pre-tokens up to this many bytes are cached...
+    private const int MaxCacheEntries = 100_000;    // ...until the cache holds this many
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<string, int[]> _cache = new(StringComparer.Ordinal);
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<string, int[]>.AlternateLookup<ReadOnlySpan<char>> _cacheSpan;
     private readonly SplitPreTokenizer? _split;
     private readonly bool _nfc;
     private readonly bool _ignoreMerges;
@@ -52,6 +56,7 @@ public sealed partial class TextTokenizer
         Kind = d.Kind;
         _vocab = d.Vocab;
         _vocabSpan = _vocab.GetAlternateLookup<ReadOnlySpan<char>>();
+        _cacheSpan = _cache.GetAlternateLookup<ReadOnlySpan<char>>();
         _merges = d.Merges;
         _split = d.Split;
         _nfc = d.Nfc;
@@ -327,6 +332,12 @@ public sealed partial class TextTokenizer
                     output.Add(whole);
                     continue;
                 }
+                ReadOnlySpan<char> key = mapped.AsSpan(0, nb);
+                if (nb <= MaxCachedWord && _cacheSpan.TryGetValue(key, out int[]? cached))
+                {
+                    output.AddRange(cached);
+                    continue;
+                }
                 Span<int> symbols = merger.Begin(nb);
                 for (int i = 0; i < nb; i++)
                 {
@@ -334,7 +345,10 @@ public sealed partial class TextTokenizer
                     if (id < 0) throw new InvalidOperationException($"the vocabulary has no symbol for byte 0x{utf8[i]:X2}");
                     symbols[i] = id;
                 }
+                int before = output.Count;
                 merger.MergeInto(nb, _merges, output);
+                if (nb <= MaxCachedWord && _cache.Count < MaxCacheEntries)
+                    _cache.TryAdd(key.ToString(), output.GetRange(before, output.Count - before).ToArray());
             }
         }
         finally

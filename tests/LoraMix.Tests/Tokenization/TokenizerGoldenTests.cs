@@ -61,6 +61,7 @@ public sealed class TokenizerGoldenTests(ITestOutputHelper output)
         int seed = int.TryParse(Environment.GetEnvironmentVariable("LORAMIX_TOKENIZER_SEED"), out int sd) ? sd : 20240611;
         TextTokenizer tok = TokenizerFixtures.Load(family);
         var strings = RandomStrings(seed, count);
+        strings.AddRange(HardStrings(seed + 1, Math.Max(count / 4, 10)));
         var rows = TokenizerFixtures.RunReference(family, strings);
         var failures = Compare(tok, rows);
         Assert.True(failures.Count == 0, $"{family} (seed {seed}): {failures.Count}/{rows.Count} mismatches:\n{string.Join("\n", failures.Take(10))}");
@@ -111,6 +112,12 @@ public sealed class TokenizerGoldenTests(ITestOutputHelper output)
         "\ufeff", "\u0085", "\u00a0", "\u3000", "\u2028", "\u202f", "\u2009", "\u0000", "\u0007", "\u001b", "\u007f",
     ];
 
+    private static readonly string[] Dense =
+    [
+        "a", "b", "Z", " ", "  ", "\n", "1", "22", "333", "é", "中", "😀", "👍🏽", "𝐀", "𝐁", "𝟘", "𝟙", "𝟚", "𠀀", "𐐀", "𐐨",
+        "'s", "'LL", "\t", ".", "!", "ﬁ", "\ufeff", "\u0085", "\u00a0", "\r\n",
+    ];
+
     private static readonly string[] Spaces = [" ", " ", " ", " ", "  ", "   ", "    ", "\t", "\t\t", "\n", "\n\n", "\r\n", " \n", "\n ", " \t ", "\r", "\n\n\n", "        ", "\v", "\f"];
 
     internal static List<string> RandomStrings(int seed, int count)
@@ -133,6 +140,51 @@ public sealed class TokenizerGoldenTests(ITestOutputHelper output)
                 if (rng.Next(3) > 0) sb.Append(rng.Next(4) == 0 ? Spaces[rng.Next(Spaces.Length)] : " ");
             }
             if (rng.Next(5) == 0) sb.Append(Spaces[rng.Next(Spaces.Length)]);
+            list.Add(sb.ToString());
+        }
+        return list;
+    }
+
+    /// <summary>
+    /// Harder cases: arbitrary code points from all planes (unassigned, controls, combining marks, private use), long
+    /// runs of one character, and long texts mixing scripts with byte-fallback characters.
+    /// </summary>
+    internal static List<string> HardStrings(int seed, int count)
+    {
+        var rng = new Random(seed);
+        var list = new List<string>(count);
+        for (int k = 0; k < count; k++)
+        {
+            var sb = new StringBuilder();
+            switch (k % 4)
+            {
+                case 0:
+                    for (int i = rng.Next(1, 40); i > 0; i--)
+                    {
+                        int cp = rng.Next(4) switch
+                        {
+                            0 => rng.Next(0, 0x80),
+                            1 => rng.Next(0x80, 0x3000),
+                            2 => rng.Next(0x3000, 0x10000),
+                            _ => rng.Next(0x10000, 0x110000),
+                        };
+                        if (cp >= 0xD800 && cp <= 0xDFFF) cp = ' ';
+                        sb.Append(char.ConvertFromUtf32(cp));
+                    }
+                    break;
+                case 1:
+                    string unit = new[] { "a", " ", "ab", "0", "1", "\n", "😀", "é", "中", "'s", "!", "\t ", " a", "▁", "Ġ" }[rng.Next(15)];
+                    for (int i = rng.Next(2, 300); i > 0; i--) sb.Append(unit);
+                    break;
+                case 2:
+                    sb.Append(string.Join("", RandomStrings(rng.Next(), rng.Next(5, 40))));
+                    break;
+                default:
+                    // Dense mixes of astral letters/digits, emoji, ligatures and odd whitespace: where a UTF-16 regex
+                    // (e.g. Microsoft.ML.Tokenizers' RegexPreTokenizer) splits differently from the references.
+                    for (int i = rng.Next(1, 24); i > 0; i--) sb.Append(Dense[rng.Next(Dense.Length)]);
+                    break;
+            }
             list.Add(sb.ToString());
         }
         return list;
