@@ -10,10 +10,13 @@ public static class CliApp
     /// <summary>Exit code for a command line that does not parse.</summary>
     public const int ExitUsage = 2;
 
-    public static RootCommand BuildRoot()
+    public static RootCommand BuildRoot(TextReader? stdin = null)
     {
         var root = new RootCommand("LoraMix: run, fine-tune and serve mixtures of LoRA experts on Llama-family models.");
-        root.Subcommands.Add(ModelCommands.Generate());
+        root.Subcommands.Add(TextCommands.Generate());
+        root.Subcommands.Add(TextCommands.Chat(stdin ?? Console.In));
+        root.Subcommands.Add(TextCommands.Tokenize());
+        root.Subcommands.Add(TextCommands.Render());
         root.Subcommands.Add(ModelCommands.Inspect());
         root.Subcommands.Add(ModelCommands.InitModel());
         root.Subcommands.Add(ModelCommands.ImportLlama2c());
@@ -22,12 +25,12 @@ public static class CliApp
     }
 
     /// <summary>Parses and runs; returns the process exit code. Output goes to the given writers (default: console).</summary>
-    public static int Run(string[] args, TextWriter? stdout = null, TextWriter? stderr = null)
+    public static int Run(string[] args, TextWriter? stdout = null, TextWriter? stderr = null, TextReader? stdin = null)
     {
         stdout ??= Console.Out;
         stderr ??= Console.Error;
         Torch.TorchRuntime.TuneNativeAllocator();
-        var root = BuildRoot();
+        var root = BuildRoot(stdin);
         var parsed = root.Parse(args);
         if (parsed.Errors.Count > 0)
         {

@@ -11,79 +11,23 @@ namespace LoraMix.Cli;
 /// <summary>Verbs that create, inspect and run base models.</summary>
 internal static class ModelCommands
 {
-    private static Option<string> ModelOption() => new("--model", "-m")
+    internal static Option<string> ModelOption() => new("--model", "-m")
     {
         Description = "Model directory in Hugging Face layout (config.json + model.safetensors or a sharded index).",
         Required = true,
     };
 
-    private static Option<string> DeviceOption() => new("--device")
+    internal static Option<string> DeviceOption() => new("--device")
     {
         Description = "cpu, cuda or cuda:N (CUDA needs a CUDA libtorch package; see README).",
         DefaultValueFactory = _ => "cpu",
     };
 
-    private static Option<string> DTypeOption(string defaultValue) => new("--dtype")
+    internal static Option<string> DTypeOption(string defaultValue) => new("--dtype")
     {
         Description = "Compute/storage dtype: f32, bf16 or f16.",
         DefaultValueFactory = _ => defaultValue,
     };
-
-    public static Command Generate()
-    {
-        var model = ModelOption();
-        var promptIds = new Option<string>("--prompt-ids") { Description = "Prompt token ids, comma- or space-separated (e.g. \"1,2,3\").", Required = true };
-        var maxNew = new Option<int>("--max-new-tokens") { Description = "Maximum tokens to generate (default 256, as llama2.c).", DefaultValueFactory = _ => 256 };
-        var temperature = new Option<double>("--temperature") { Description = "Sampling temperature; 0 is greedy.", DefaultValueFactory = _ => 1.0 };
-        var topK = new Option<int>("--top-k") { Description = "Keep the K most likely tokens (0 = off).", DefaultValueFactory = _ => 0 };
-        var topP = new Option<double>("--top-p") { Description = "Nucleus sampling mass (1 = off).", DefaultValueFactory = _ => 1.0 };
-        var repetition = new Option<double>("--repetition-penalty") { Description = "Repetition penalty (1 = off).", DefaultValueFactory = _ => 1.0 };
-        var seed = new Option<long?>("--seed") { Description = "Random seed (same seed, same output)." };
-        var stop = new Option<string?>("--stop-ids") { Description = "Extra stop token ids, comma-separated." };
-        var ignoreEos = new Option<bool>("--ignore-eos") { Description = "Do not stop at the model's EOS token." };
-        var printIds = new Option<bool>("--print-ids") { Description = "Print the generated ids (not the prompt's) space-separated on one line." };
-        var device = DeviceOption();
-        var dtype = DTypeOption("f32");
-        var cmd = new Command("generate", "Generate tokens from a model.")
-        {
-            model, promptIds, maxNew, temperature, topK, topP, repetition, seed, stop, ignoreEos, printIds, device, dtype,
-        };
-        cmd.SetAction(p =>
-        {
-            var ids = ParseIds(p.GetValue(promptIds)!, "--prompt-ids");
-            var options = new GenerationOptions
-            {
-                MaxNewTokens = p.GetValue(maxNew),
-                Temperature = p.GetValue(temperature),
-                TopK = p.GetValue(topK),
-                TopP = p.GetValue(topP),
-                RepetitionPenalty = p.GetValue(repetition),
-                Seed = p.GetValue(seed),
-                StopTokenIds = p.GetValue(stop) is { } s ? ParseIds(s, "--stop-ids") : [],
-                StopAtEos = !p.GetValue(ignoreEos),
-            };
-            options.Validate();
-            var dev = TorchRuntime.ParseDevice(p.GetValue(device)!);
-            var dt = TorchRuntime.ParseDType(p.GetValue(dtype)!);
-            using var m = LlamaForCausalLM.FromPretrained(p.GetValue(model)!, dev, dt);
-            var output = p.InvocationConfiguration.Output;
-            var gen = new TokenGenerator(m);
-            if (p.GetValue(printIds))
-            {
-                var result = gen.Generate(ids, options);
-                output.WriteLine(string.Join(' ', result.Tokens));
-            }
-            else
-            {
-                // No tokenizer yet: stream ids as they are produced.
-                var result = gen.Generate(ids, options, t => { output.Write(t.ToString(CultureInfo.InvariantCulture)); output.Write(' '); output.Flush(); });
-                output.WriteLine();
-                p.InvocationConfiguration.Error.WriteLine($"[{result.Tokens.Count} tokens, finish: {result.FinishReason.ToString().ToLowerInvariant()}]");
-            }
-            return 0;
-        });
-        return cmd;
-    }
 
     public static Command Inspect()
     {
@@ -196,7 +140,7 @@ internal static class ModelCommands
         return cmd;
     }
 
-    private static int[] ParseIds(string text, string option)
+    internal static int[] ParseIds(string text, string option)
     {
         var parts = text.Split([',', ' ', '\t'], StringSplitOptions.RemoveEmptyEntries);
         if (parts.Length == 0) throw new ArgumentException($"{option}: expected at least one token id");

@@ -1,0 +1,204 @@
+using LoraMix.Adapters.Lora;
+using LoraMix.Modeling;
+using LoraMix.Tokenization;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace LoraMix.Inference;
+
+/// <summary>How <see cref="ChatEngine.Load"/> builds an engine.</summary>
+public sealed record EngineOptions
+{
+    /// <summary>Device to run on (default CPU).</summary>
+    public Device? Device { get; init; }
+
+    /// <summary>Compute dtype (default: float32).</summary>
+    public ScalarType DType { get; init; } = ScalarType.Float32;
+
+    /// <summary>PEFT LoRA adapter directories to load and activate, in order.</summary>
+    public IReadOnlyList<string> Adapters { get; init; } = [];
+
+    /// <summary>Chat template family (llama3, llama2, mistral, chatml, plain); null detects it from tokenizer_config.json.</summary>
+    public string? Template { get; init; }
+
+    /// <summary>Tokenizer directory; null uses the model directory.</summary>
+    public string? TokenizerDirectory { get; init; }
+}
+
+/// <summary>The result of one generation: text, ids (without the prompt and the stop token) and why it ended.</summary>
+public sealed record EngineResult(string Text, IReadOnlyList<int> Ids, FinishReason FinishReason, int PromptTokens);
+
+/// <summary>
+/// The engine: one model, its tokenizer and chat template, and a single model thread. The CLI, the server and
+/// IChatClient all generate through it. Calls are serialised (the model is not re-entrant).
+/// </summary>
+public sealed class ChatEngine : IDisposable
+{
+    private readonly SemaphoreSlim _modelThread = new(1, 1);
+    private readonly TextTokenizer? _tokenizer;
+    private readonly ChatRenderer? _renderer;
+    private readonly string _modelDirectory;
+
+    private ChatEngine(LlamaForCausalLM model, TextTokenizer? tokenizer, ChatTemplate? template, string modelDirectory)
+    {
+        Model = model;
+        _tokenizer = tokenizer;
+        _modelDirectory = modelDirectory;
+        if (tokenizer is not null && (template is not null || tokenizer.ChatTemplate is not null))
+            _renderer = new ChatRenderer(tokenizer, template);
+        var stops = new HashSet<int>(model.Config.EosTokenIds);
+        if (tokenizer?.EosId is int eos) stops.Add(eos);
+        if (tokenizer is not null)
+            foreach (string marker in EndOfTurnMarkers)
+                if (tokenizer.TokenToId(marker) is int id) stops.Add(id);
+        StopTokenIds = stops;
+    }
+
+    /// <summary>Special tokens that end a turn in the supported templates; generation stops at any the tokenizer has.</summary>
+    public static IReadOnlyList<string> EndOfTurnMarkers { get; } = ["<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end_of_text|>", "<|endoftext|>"];
+
+    /// <summary>The model (with any adapters attached).</summary>
+    public LlamaForCausalLM Model { get; }
+
+    /// <summary>The tokenizer; throws when the model directory has none.</summary>
+    public TextTokenizer Tokenizer => _tokenizer ?? throw new TokenizerFileException(_modelDirectory, null,
+        "no tokenizer.json or tokenizer.model in the model directory: text prompts need one (use --prompt-ids, or add the tokenizer files)");
+
+    /// <summary>True when the model directory has a tokenizer.</summary>
+    public bool HasTokenizer => _tokenizer is not null;
+
+    /// <summary>The chat renderer; throws when there is no tokenizer or no known chat template.</summary>
+    public ChatRenderer Renderer => _renderer ?? throw new LoraMixException(
+        _tokenizer is null
+            ? $"{_modelDirectory}: no tokenizer, so chats cannot be rendered"
+            : $"{_modelDirectory}: tokenizer_config.json has no chat_template; choose one explicitly ({string.Join(", ", ChatTemplate.Names)})");
+
+    /// <summary>Token ids that end generation: the model's and tokenizer's EOS and the template's end-of-turn tokens.</summary>
+    public IReadOnlySet<int> StopTokenIds { get; }
+
+    /// <summary>Loads the model (and adapters) and its tokenizer, if the directory has one.</summary>
+    public static ChatEngine Load(string modelDirectory, EngineOptions? options = null)
+    {
+        options ??= new EngineOptions();
+        if (!System.IO.Directory.Exists(modelDirectory))
+            throw new LoraMixException($"model directory '{modelDirectory}' does not exist");
+        string tokDir = options.TokenizerDirectory ?? modelDirectory;
+        TextTokenizer? tokenizer = HasTokenizerFiles(tokDir) ? TextTokenizer.FromDirectory(tokDir) : null;
+        if (options.TokenizerDirectory is not null && tokenizer is null)
+            throw new TokenizerFileException(tokDir, null, "no tokenizer.json or tokenizer.model in this directory");
+        ChatTemplate? template = options.Template is null ? null : ChatTemplate.Parse(options.Template);
+        var model = LlamaForCausalLM.FromPretrained(modelDirectory, options.Device, options.DType);
+        try
+        {
+            for (int i = 0; i < options.Adapters.Count; i++)
+                LoraAdapters.Load(model, options.Adapters[i], options.Adapters.Count == 1 ? "default" : $"adapter{i}");
+            if (options.Adapters.Count > 1)
+                LoraAdapters.SetActive(model, [.. Enumerable.Range(0, options.Adapters.Count).Select(i => $"adapter{i}")]);
+            model.eval();
+            return new ChatEngine(model, tokenizer, template, modelDirectory);
+        }
+        catch
+        {
+            model.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>True when <paramref name="directory"/> holds tokenizer.json or tokenizer.model.</summary>
+    public static bool HasTokenizerFiles(string directory) =>
+        File.Exists(Path.Combine(directory, "tokenizer.json")) || File.Exists(Path.Combine(directory, "tokenizer.model"));
+
+    /// <summary>Encodes a raw text prompt: special-token text is recognised, BOS is added when the tokenizer's config says so.</summary>
+    public int[] EncodePrompt(string text)
+    {
+        var tok = Tokenizer;
+        var ids = tok.Encode(text);
+        if (tok.AddBosToken && tok.BosId is int bos && (ids.Length == 0 || ids[0] != bos)) ids = [bos, .. ids];
+        return ids;
+    }
+
+    /// <summary>Renders a conversation with the generation prompt (the model's turn comes next).</summary>
+    public RenderedChat RenderForGeneration(IReadOnlyList<ChatMessage> messages) =>
+        Renderer.Render(messages, new ChatRenderOptions { AddGenerationPrompt = true });
+
+    /// <summary>Generates from token ids, streaming decoded text to <paramref name="onText"/> as it becomes valid UTF-8.</summary>
+    public EngineResult Generate(IReadOnlyList<int> promptIds, GenerationOptions options, Action<string>? onText = null,
+        CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(promptIds);
+        var effective = options with { StopTokenIds = [.. options.StopTokenIds.Union(options.StopAtEos ? StopTokenIds : [])] };
+        _modelThread.Wait(cancellationToken);
+        try
+        {
+            var stream = _tokenizer?.CreateStreamDecoder(skipSpecialTokens: true);
+            var text = new System.Text.StringBuilder();
+            var result = new TokenGenerator(Model).Generate(promptIds, effective, id =>
+            {
+                if (stream is null) return;
+                string piece = stream.Push(id);
+                if (piece.Length == 0) return;
+                text.Append(piece);
+                onText?.Invoke(piece);
+            }, cancellationToken);
+            if (stream is not null)
+            {
+                string rest = stream.Flush();
+                if (rest.Length > 0) { text.Append(rest); onText?.Invoke(rest); }
+            }
+            return new EngineResult(text.ToString(), result.Tokens, result.FinishReason, promptIds.Count);
+        }
+        finally
+        {
+            _modelThread.Release();
+        }
+    }
+
+    /// <summary>
+    /// Generates for several prompts at once (left-padded batches of <paramref name="batchSize"/>, prompts of similar
+    /// length together) and returns the decoded texts in input order, special tokens skipped.
+    /// </summary>
+    public IReadOnlyList<EngineResult> GenerateBatch(IReadOnlyList<int[]> prompts, GenerationOptions options, int batchSize = 16,
+        Action<int>? onDone = null, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(prompts);
+        ArgumentOutOfRangeException.ThrowIfLessThan(batchSize, 1);
+        var effective = options with { StopTokenIds = [.. options.StopTokenIds.Union(options.StopAtEos ? StopTokenIds : [])] };
+        var results = new EngineResult[prompts.Count];
+        var order = Enumerable.Range(0, prompts.Count).OrderBy(i => prompts[i].Length).ToArray();
+        _modelThread.Wait(cancellationToken);
+        try
+        {
+            var generator = new TokenGenerator(Model);
+            int done = 0;
+            foreach (var chunk in order.Chunk(batchSize))
+            {
+                var outs = generator.Generate(chunk.Select(i => (IReadOnlyList<int>)prompts[i]).ToList(), effective, null, cancellationToken);
+                for (int j = 0; j < chunk.Length; j++)
+                {
+                    var o = outs[j];
+                    string text = _tokenizer is null ? string.Join(' ', o.Tokens) : _tokenizer.Decode([.. o.Tokens], skipSpecialTokens: true);
+                    results[chunk[j]] = new EngineResult(text, o.Tokens, o.FinishReason, prompts[chunk[j]].Length);
+                }
+                done += chunk.Length;
+                onDone?.Invoke(done);
+            }
+            return results;
+        }
+        finally
+        {
+            _modelThread.Release();
+        }
+    }
+
+    /// <summary>Generates the assistant's reply to a conversation.</summary>
+    public EngineResult Chat(IReadOnlyList<ChatMessage> messages, GenerationOptions options, Action<string>? onText = null,
+        CancellationToken cancellationToken = default) =>
+        Generate(RenderForGeneration(messages).Ids, options, onText, cancellationToken);
+
+    /// <inheritdoc />
+    public void Dispose()
+    {
+        Model.Dispose();
+        _modelThread.Dispose();
+    }
+}
