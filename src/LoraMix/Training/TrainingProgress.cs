@@ -104,8 +104,9 @@ public sealed class PlainProgress(TextWriter writer) : ITrainingProgress
 /// loss, learning rate and throughput; evaluations and notices are printed above it. The display runs on its own thread,
 /// driven by the training thread's callbacks.
 /// </summary>
-public sealed class SpectreProgress : ITrainingProgress
+public sealed class SpectreProgress(IAnsiConsole? console = null) : ITrainingProgress
 {
+    private readonly IAnsiConsole _console = console ?? AnsiConsole.Console;
     private readonly ManualResetEventSlim _ready = new();
     private readonly ManualResetEventSlim _done = new();
     private Thread? _thread;
@@ -114,10 +115,29 @@ public sealed class SpectreProgress : ITrainingProgress
 
     public void Started(TrainingPlan plan)
     {
-        AnsiConsole.MarkupLine($"[bold]training[/] {Markup.Escape(plan.Target)}: {plan.TotalSteps} steps, {plan.TrainSequences} sequences → {Markup.Escape(plan.OutputDir)}");
+        _console.MarkupLine($"[bold]training[/] {Markup.Escape(plan.Target)}: {plan.TotalSteps} steps, {plan.TrainSequences} sequences → {Markup.Escape(plan.OutputDir)}");
         _thread = new Thread(() =>
         {
-            AnsiConsole.Progress()
+            try
+            {
+                Render(plan);
+            }
+            catch (Exception)
+            {
+                // no live display possible (e.g. the console went away): training goes on without it
+                _task = null;
+            }
+            finally
+            {
+                _ready.Set();
+            }
+        }) { IsBackground = true, Name = "loramix-progress" };
+        _thread.Start();
+        _ready.Wait(TimeSpan.FromSeconds(5));
+    }
+
+    private void Render(TrainingPlan plan) =>
+            _console.Progress()
                 .AutoClear(false)
                 .HideCompleted(false)
                 .Columns(new TaskDescriptionColumn { Alignment = Justify.Left }, new ProgressBarColumn(), new PercentageColumn(),
@@ -130,10 +150,6 @@ public sealed class SpectreProgress : ITrainingProgress
                     _done.Wait();
                     ctx.Refresh();
                 });
-        }) { IsBackground = true, Name = "loramix-progress" };
-        _thread.Start();
-        _ready.Wait(TimeSpan.FromSeconds(5));
-    }
 
     public void StepCompleted(StepMetrics m, bool logged)
     {
@@ -143,9 +159,9 @@ public sealed class SpectreProgress : ITrainingProgress
         _task.Value = m.Step;
     }
 
-    public void Evaluated(EvalMetrics metrics) => AnsiConsole.MarkupLine(Markup.Escape(TrainingProgress.Line(metrics)));
+    public void Evaluated(EvalMetrics metrics) => _console.MarkupLine(Markup.Escape(TrainingProgress.Line(metrics)));
 
-    public void Info(string message) => AnsiConsole.MarkupLine(Markup.Escape(message));
+    public void Info(string message) => _console.MarkupLine(Markup.Escape(message));
 
     public void Finished()
     {

@@ -331,6 +331,26 @@ public sealed class TrainerRunTests
     }
 
     [Fact]
+    public void SpectreProgressDrivesALiveBarAndReturns()
+    {
+        using var dir = new TempDir();
+        var target = TrainingFixtures.TinyLora(out var model);
+        using var _ = model;
+        var sw = new StringWriter();
+        var console = Spectre.Console.AnsiConsole.Create(new Spectre.Console.AnsiConsoleSettings
+        {
+            Out = new Spectre.Console.AnsiConsoleOutput(sw), Interactive = Spectre.Console.InteractionSupport.Yes,
+            Ansi = Spectre.Console.AnsiSupport.Yes,
+        });
+        new Trainer(target, TrainingFixtures.Options(dir.Path) with { MaxSteps = 3, EvalSteps = 3 }, progress: new SpectreProgress(console))
+            .Train(TrainingFixtures.RandomExamples(4, 2), TrainingFixtures.RandomExamples(2, 3));
+        string text = sw.ToString();
+        Assert.Contains("LoRA adapter 'default'", text);
+        Assert.Contains("eval at step 3", text);
+        Assert.Contains("100%", text);
+    }
+
+    [Fact]
     public void BadInputsFailWithActionableMessages()
     {
         using var dir = new TempDir();
