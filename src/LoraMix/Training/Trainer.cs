@@ -115,7 +115,14 @@ public sealed partial class Trainer
         if (resumeDir is not null)
             startStep = RestoreCheckpoint(resumeDir, optimizer, run, train.Count, stepsPerEpoch, schedule);
         else
+        {
+            var stale = ListCheckpoints(outDir);
+            if (stale.Count > 0 && !_options.OverwriteOutputDir)
+                throw new LoraMixException($"output_dir '{outDir}' already holds checkpoints ({string.Join(", ", stale.Select(c => Path.GetFileName(c.Path)))}); " +
+                                           "set resume_from_checkpoint: latest to continue that run, overwrite_output_dir: true to replace it, or choose another output_dir");
+            foreach (var (_, path) in stale) Directory.Delete(path, recursive: true);
             random.manual_seed(_options.Seed);
+        }
         if (startStep >= totalSteps)
             throw new LoraMixException($"checkpoint {resumeDir} is at step {startStep}, which is already the end of this run ({totalSteps} steps); raise max_steps or num_epochs to train further");
 

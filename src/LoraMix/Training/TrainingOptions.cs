@@ -57,6 +57,9 @@ public sealed record TrainingOptions
     public int PadTokenId { get; init; }
     /// <summary>Compute in bfloat16 (<c>bf16</c>): the model must be loaded in bf16; the optimizer keeps fp32 master weights.</summary>
     public bool Bf16 { get; init; }
+    /// <summary>A fresh run refuses an output_dir that already holds checkpoints unless this is true, in which case they are
+    /// deleted first (<c>overwrite_output_dir</c>), so that <c>latest</c> can never pick up another run's checkpoint.</summary>
+    public bool OverwriteOutputDir { get; init; }
     /// <summary>A checkpoint directory, or <c>latest</c> for the newest <c>checkpoint-*</c> in <see cref="OutputDir"/> (<c>resume_from_checkpoint</c>).</summary>
     public string? ResumeFromCheckpoint { get; init; }
 
@@ -129,6 +132,7 @@ public sealed record TrainingOptions
             Packing = doc.Bool(K("packing"), d.Packing),
             PadTokenId = doc.Int(K("pad_token_id"), d.PadTokenId),
             Bf16 = doc.Bool(K("bf16"), d.Bf16),
+            OverwriteOutputDir = doc.Bool(K("overwrite_output_dir"), d.OverwriteOutputDir),
             ResumeFromCheckpoint = doc.String(K("resume_from_checkpoint"), d.ResumeFromCheckpoint),
         };
         o.Validate(doc.Source);

@@ -362,5 +362,16 @@ public sealed class TrainerRunTests
         Assert.Contains("no training example has a target", Assert.Throws<LoraMixException>(() => trainer.Train([new TrainingExample([1, 2], [true, false])])).Message);
         var resume = new Trainer(target, TrainingFixtures.Options(dir.Path) with { ResumeFromCheckpoint = "latest" });
         Assert.Contains("no complete checkpoint-STEP", Assert.Throws<LoraMixException>(() => resume.Train(TrainingFixtures.RandomExamples(2, 1))).Message);
+
+        // a fresh run does not mix with another run's checkpoints
+        var data = TrainingFixtures.RandomExamples(4, 1);
+        new Trainer(target, TrainingFixtures.Options(dir.Path) with { MaxSteps = 2, SaveSteps = 2 }).Train(data);
+        var again = new Trainer(target, TrainingFixtures.Options(dir.Path) with { MaxSteps = 1, SaveSteps = 1 });
+        Assert.Contains("already holds checkpoints (checkpoint-2)", Assert.Throws<LoraMixException>(() => again.Train(data)).Message);
+        new Trainer(target, TrainingFixtures.Options(dir.Path) with { MaxSteps = 1, SaveSteps = 1, OverwriteOutputDir = true }).Train(data);
+        Assert.Equal([1], Trainer.ListCheckpoints(dir.Path).Select(c => c.Step));
+        // resuming a finished run says how to go further
+        var done = new Trainer(target, TrainingFixtures.Options(dir.Path) with { MaxSteps = 1, ResumeFromCheckpoint = "latest" });
+        Assert.Contains("raise max_steps", Assert.Throws<LoraMixException>(() => done.Train(data)).Message);
     }
 }
