@@ -67,6 +67,30 @@ public sealed class TrainerRunTests
     }
 
     [Fact]
+    public void FullFineTuningResumesExactlyFromItsHuggingFaceCheckpoint()
+    {
+        using var dir = new TempDir();
+        var data = TrainingFixtures.RandomExamples(6, 31);
+        TrainingOptions Opts(string sub, int steps) => TrainingFixtures.Options(dir.Sub(sub)) with
+        {
+            MaxSteps = steps, SaveSteps = 2, LearningRate = 1e-3, WeightDecay = 0.1, LrScheduler = "linear", WarmupSteps = 1,
+        };
+        using var a = TrainingFixtures.TinyModel();
+        var ra = new Trainer(TrainingTarget.FullFineTune(a), Opts("a", 4)).Train(data);
+        using var b = TrainingFixtures.TinyModel();
+        // a shorter run with the same plan would have another schedule, so stop the 4-step run after step 2 instead
+        using var cts = new CancellationTokenSource();
+        var rec = new TrainingFixtures.Recorder { OnStep = m => { if (m.Step == 2) cts.Cancel(); } };
+        Assert.ThrowsAny<OperationCanceledException>(() => new Trainer(TrainingTarget.FullFineTune(b), Opts("b", 4), progress: rec).Train(data, null, cts.Token));
+        Assert.True(File.Exists(dir.Sub("b/checkpoint-2/model.safetensors")));
+        using var c = TrainingFixtures.TinyModel(seed: 77);   // other initial weights: everything must come from the checkpoint
+        var rc = new Trainer(TrainingTarget.FullFineTune(c), Opts("b", 4) with { ResumeFromCheckpoint = dir.Sub("b/checkpoint-2") }).Train(data);
+        Assert.Equal(ra.Steps.Skip(2).Select(s => s.Loss), rc.Steps.Select(s => s.Loss));
+        foreach (var (name, t) in a.state_dict())
+            Assert.True(t.equal(c.state_dict()[name]).all().item<bool>(), name);
+    }
+
+    [Fact]
     public void DivergenceStopsWithATypedErrorNamingTheStep()
     {
         using var dir = new TempDir();
