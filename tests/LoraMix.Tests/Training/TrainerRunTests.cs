@@ -313,26 +313,33 @@ public sealed class TrainerRunTests
     {
         using var dir = new TempDir();
         var data = TrainingFixtures.RandomExamples(4, 14);
+        var plainTarget = TrainingFixtures.TinyLora(out var plainModel);
+        using var _p = plainModel;
+        var plain = new Trainer(plainTarget, TrainingFixtures.Options(dir.Sub("plain")) with { MaxSteps = 1 }).Train(data);
+
         var target = TrainingFixtures.TinyLora(out var model);
         using var _ = model;
-        var objective = new WithAux();
-        var result = new Trainer(target, TrainingFixtures.Options(dir.Path) with { MaxSteps = 2 }, objective).Train(data);
-        var line = JsonNode.Parse(File.ReadAllLines(Path.Combine(dir.Path, "metrics.jsonl"))[0])!;
+        var a0 = target.Parameters[0];   // layer 0 q_proj lora_A: its CE gradient is exactly 0 at step 1 (B = 0)
+        Assert.EndsWith("lora_A.weight", a0.Name);
+        var result = new Trainer(target, TrainingFixtures.Options(dir.Sub("aux")) with { MaxSteps = 2 }, new WithAux(a0.Parameter)).Train(data);
+        var line = JsonNode.Parse(File.ReadAllLines(Path.Combine(dir.Sub("aux"), "metrics.jsonl"))[0])!;
         Assert.Equal(0.25, (double)line["aux_loss"]!, 6);
         Assert.Equal(7.0, (double)line["router_entropy"]!, 6);
         Assert.Equal(0.25, result.Steps[0].Extras["aux_loss"], 6);
-        // the auxiliary loss reached the gradient: its own parameter term moved the adapter's B
-        Assert.True(objective.Calls > 0);
+        Assert.Equal(plain.Steps[0].Loss, result.Steps[0].Loss);   // "loss" stays the token loss
+        // the auxiliary loss reached the gradient: d aux / d A0 = 1 everywhere (the micro-batch shares sum to 1)
+        double expected = Math.Sqrt(plain.Steps[0].GradNorm * plain.Steps[0].GradNorm + a0.Parameter.numel());
+        Assert.Equal(expected, result.Steps[0].GradNorm, 4);
     }
 
-    private sealed class WithAux : ITrainingObjective
+    /// <summary>CE plus an auxiliary loss of value 0.25 whose gradient is 1 on every entry of one parameter.</summary>
+    private sealed class WithAux(TorchSharp.Modules.Parameter p) : ITrainingObjective
     {
-        public int Calls { get; private set; }
         public ObjectiveOutput Compute(LlamaForCausalLM model, CollatedBatch batch, bool training)
         {
-            Calls++;
             var o = CausalLmObjective.Instance.Compute(model, batch, training);
-            return o with { AuxiliaryLoss = tensor(0.25f), Metrics = new Dictionary<string, double> { ["router_entropy"] = 7.0 } };
+            var aux = (p - p.detach()).sum() + 0.25f;
+            return o with { AuxiliaryLoss = aux, Metrics = new Dictionary<string, double> { ["router_entropy"] = 7.0 } };
         }
     }
 
