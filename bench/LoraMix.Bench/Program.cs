@@ -5,10 +5,12 @@ using LoraMix.Modeling;
 using TorchSharp;
 using static TorchSharp.torch;
 
-// LoraMix runtime benchmarks (not run by CI). Everything is measured in one process so that ratios are meaningful:
+// LoraMix benchmarks (not run by CI). Everything is measured in one process so that ratios are meaningful:
 // the machine's fp32 matmul peak first, then the model on the `small` preset.
-//   dotnet run -c Release --project bench/LoraMix.Bench [-- --quick]
+//   dotnet run -c Release --project bench/LoraMix.Bench [-- --quick]          runtime: prefill MFU, decode tokens/s
+//   dotnet run -c Release --project bench/LoraMix.Bench -- train [--quick]    LoRA training step: tokens/s, MFU
 bool quick = args.Contains("--quick");
+bool trainMode = args.Contains("train");
 CultureInfo.DefaultThreadCurrentCulture = CultureInfo.InvariantCulture;
 CultureInfo.CurrentCulture = CultureInfo.InvariantCulture;
 LoraMix.Torch.TorchRuntime.EnsureLoaded();
@@ -49,6 +51,12 @@ using (no_grad())
     Console.WriteLine($"linear [512x768]x[768x2048] fp32: {2.0 * 512 * 768 * 2048 / sg / 1e9:F1} GFLOP/s");
 }
 Console.WriteLine($"measured fp32 matmul peak: {peak:F1} GFLOP/s");
+
+if (trainMode)
+{
+    LoraMix.Bench.TrainBench.Run(peak, quick);
+    return;
+}
 
 // 2. Prefill of 512 tokens on `small` (full logits: 2·P·T FLOPs, attention score FLOPs not counted).
 var cfg = ModelPresets.Get("small");

@@ -1,0 +1,74 @@
+using LoraMix.Adapters.Lora;
+using LoraMix.Checkpoints;
+using LoraMix.Modeling;
+using static TorchSharp.torch;
+
+namespace LoraMix.Training;
+
+/// <summary>
+/// What the trainer trains: the model, its trainable parameters (named, with their weight-decay flag), and how their
+/// values are written to and read back from a checkpoint directory. <see cref="Lora"/> and <see cref="FullFineTune"/>
+/// cover the two built-in modes; later methods (MixLoRA, X-LoRA, LoRI) build their own.
+/// </summary>
+/// <param name="Model">The model whose forward pass the objective runs.</param>
+/// <param name="Parameters">The trainable parameters, named as in the saved weights.</param>
+/// <param name="SaveWeights">Writes the trained weights into a directory (e.g. a PEFT adapter); every file atomically.</param>
+/// <param name="LoadWeights">Reads them back into the live parameters (resume).</param>
+/// <param name="Description">One line for logs (what is trained, how many parameters).</param>
+public sealed record TrainingTarget(
+    LlamaForCausalLM Model,
+    IReadOnlyList<TrainableParameter> Parameters,
+    Action<string> SaveWeights,
+    Action<string> LoadWeights,
+    string Description)
+{
+    /// <summary>
+    /// LoRA: freezes the base model and trains adapter <paramref name="adapterName"/> (attached beforehand with
+    /// <see cref="LoraAdapters.Attach"/>); checkpoints hold the adapter in PEFT layout (adapter_config.json +
+    /// adapter_model.safetensors). Parameters are named by their PEFT keys.
+    /// </summary>
+    public static TrainingTarget Lora(LlamaForCausalLM model, LoraConfig config, string adapterName = "default")
+    {
+        LoraAdapters.PrepareForTraining(model, adapterName);
+        LoraAdapters.SetActive(model, adapterName);
+        var parameters = LoraAdapters.PeftStateDict(model, adapterName)
+            .Select(kv => new TrainableParameter(kv.Key, (TorchSharp.Modules.Parameter)kv.Value, Decay: true)).ToList();
+        var saveConfig = config with { InferenceMode = true };
+        return new TrainingTarget(model, parameters,
+            dir => LoraAdapters.Save(model, saveConfig, dir, adapterName),
+            dir => LoadByName(Path.Combine(dir, LoraAdapters.WeightsFileName), parameters),
+            $"LoRA adapter '{adapterName}' (r={config.R}, alpha={config.LoraAlpha}, {parameters.Count} tensors, {parameters.Sum(p => p.Parameter.numel()):N0} parameters)");
+    }
+
+    /// <summary>
+    /// Full fine-tuning: every model parameter is trainable (biases and norm weights without weight decay, as transformers
+    /// does); checkpoints hold a Hugging Face model directory (config.json + model.safetensors).
+    /// </summary>
+    public static TrainingTarget FullFineTune(LlamaForCausalLM model)
+    {
+        var parameters = new List<TrainableParameter>();
+        foreach (var (name, p) in model.named_parameters())
+        {
+            p.requires_grad = true;
+            bool noDecay = name.EndsWith(".bias", StringComparison.Ordinal) || name.Contains("norm", StringComparison.Ordinal);
+            parameters.Add(new TrainableParameter(name, p, !noDecay));
+        }
+        return new TrainingTarget(model, parameters,
+            dir => model.SavePretrained(dir),
+            dir => LoadByName(Path.Combine(dir, Safetensors.SingleFileName), parameters),
+            $"full fine-tuning ({parameters.Sum(p => p.Parameter.numel()):N0} parameters)");
+    }
+
+    /// <summary>Reads each parameter from a safetensors file by its name (shapes must match).</summary>
+    public static void LoadByName(string file, IReadOnlyList<TrainableParameter> parameters)
+    {
+        if (!File.Exists(file)) throw new CheckpointFormatException(file, null, "not found; is this a complete checkpoint directory?");
+        using var reader = SafetensorsReader.Open(file);
+        var missing = parameters.Where(p => !reader.Contains(p.Name)).Select(p => p.Name).ToList();
+        var misshaped = parameters.Where(p => reader.Contains(p.Name) && !reader.GetEntry(p.Name).Shape.SequenceEqual(p.Parameter.shape))
+            .Select(p => $"{p.Name}: file {Safetensors.FormatShape(reader.GetEntry(p.Name).Shape)} vs model {Safetensors.FormatShape(p.Parameter.shape)}").ToList();
+        if (missing.Count + misshaped.Count > 0) throw new StateDictMismatchException(file, missing, [], misshaped);
+        using var noGrad = no_grad();
+        foreach (var p in parameters) reader.ReadInto(p.Name, p.Parameter);
+    }
+}
