@@ -19,6 +19,21 @@ public enum AdapterFileFormats
 /// <summary>What every adapter format shares: freezing the base, writing fp32 weight files, strict loading by key.</summary>
 internal static class AdapterFiles
 {
+    /// <summary>Reads an <c>adapter_config.json</c> as a JSON object, with typed errors naming the file.</summary>
+    public static System.Text.Json.Nodes.JsonObject ReadConfigObject(string path, string adapterKind)
+    {
+        if (!File.Exists(path)) throw new LoraMixException($"{path}: file not found (a {adapterKind} adapter directory needs adapter_config.json)");
+        try
+        {
+            return System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(path)) as System.Text.Json.Nodes.JsonObject
+                ?? throw new LoraMixException($"{path}: expected a JSON object");
+        }
+        catch (System.Text.Json.JsonException e)
+        {
+            throw new LoraMixException($"{path}: not valid JSON: {e.Message}");
+        }
+    }
+
     /// <summary>Sets <c>requires_grad = false</c> on every parameter of the module (the base and all adapters).</summary>
     public static void FreezeAll(nn.Module module)
     {

@@ -91,16 +91,7 @@ public sealed record LoraConfig
     /// <summary>Reads a PEFT <c>adapter_config.json</c> for a LoRA adapter.</summary>
     public static LoraConfig Load(string path)
     {
-        if (!File.Exists(path)) throw new LoraMixException($"{path}: file not found (an adapter directory needs adapter_config.json)");
-        JsonObject obj;
-        try
-        {
-            obj = JsonNode.Parse(File.ReadAllText(path)) as JsonObject ?? throw new LoraMixException($"{path}: expected a JSON object");
-        }
-        catch (JsonException e)
-        {
-            throw new LoraMixException($"{path}: not valid JSON: {e.Message}");
-        }
+        var obj = AdapterFiles.ReadConfigObject(path, "LoRA");
         return Parse(obj, path);
     }
 

@@ -254,16 +254,7 @@ public sealed record MixLoraConfig
     /// <summary>Reads a MixLoRA <c>adapter_config.json</c>.</summary>
     public static MixLoraConfig Load(string path)
     {
-        if (!File.Exists(path)) throw new LoraMixException($"{path}: file not found (a MixLoRA adapter directory needs adapter_config.json)");
-        JsonObject obj;
-        try
-        {
-            obj = JsonNode.Parse(File.ReadAllText(path)) as JsonObject ?? throw new LoraMixException($"{path}: expected a JSON object");
-        }
-        catch (JsonException e)
-        {
-            throw new LoraMixException($"{path}: not valid JSON: {e.Message}");
-        }
+        var obj = AdapterFiles.ReadConfigObject(path, "MixLoRA");
         return Parse(obj, path);
     }
 
