@@ -21,6 +21,10 @@ public static class CliApp
         root.Subcommands.Add(ModelCommands.InitModel());
         root.Subcommands.Add(ModelCommands.ImportLlama2c());
         root.Subcommands.Add(ModelCommands.Quickstart());
+        root.Subcommands.Add(TrainCommands.Train());
+        root.Subcommands.Add(TrainCommands.Pretrain());
+        root.Subcommands.Add(TrainCommands.Eval());
+        root.Subcommands.Add(TrainCommands.Merge());
         return root;
     }
 

@@ -218,6 +218,36 @@ public sealed class ConfigDocument
                 throw new ConfigFileException(Source, key, $"unknown key; supported: {string.Join(", ", known.Order())}");
     }
 
+    /// <summary>
+    /// Throws for the first key no accessor asked for — also keys of a known name that the command did not read in this
+    /// configuration (e.g. <c>adapter.r</c> with <c>adapter.type: full</c>) — naming it and listing <paramref name="understood"/>.
+    /// </summary>
+    public void RejectUnread(IEnumerable<string> understood)
+    {
+        foreach (var key in Leaves(_root, ""))
+            if (!_consumed.Contains(key))
+            {
+                var known = understood.ToList();
+                throw new ConfigFileException(Source, key, known.Contains(key)
+                    ? "is not used by this configuration (check the adapter type or the other keys it depends on)"
+                    : $"unknown key; supported: {string.Join(", ", known)}");
+            }
+    }
+
+    /// <summary>True when the key holds a list.</summary>
+    public bool IsList(string key) => Peek(key) is JsonArray;
+
+    /// <summary>True when the key holds a mapping.</summary>
+    public bool IsMapping(string key) => Peek(key) is JsonObject;
+
+    private JsonNode? Peek(string key)
+    {
+        JsonNode? node = _root;
+        foreach (var p in key.Split('.'))
+            if (node is not JsonObject o || !o.TryGetPropertyValue(p, out node)) return null;
+        return node;
+    }
+
     private static IEnumerable<string> Leaves(JsonObject o, string prefix)
     {
         foreach (var (k, v) in o)

@@ -1,4 +1,6 @@
+using LoraMix.Adapters;
 using LoraMix.Adapters.Lora;
+using LoraMix.Adapters.MixLora;
 using LoraMix.Modeling;
 using LoraMix.Tokenization;
 using TorchSharp;
@@ -15,7 +17,8 @@ public sealed record EngineOptions
     /// <summary>Compute dtype (default: float32).</summary>
     public ScalarType DType { get; init; } = ScalarType.Float32;
 
-    /// <summary>PEFT LoRA adapter directories to load and activate, in order.</summary>
+    /// <summary>Adapter directories to load and activate, in order: PEFT LoRA adapters (several are summed), or one
+    /// MoE-PEFT MixLoRA adapter (detected from adapter_config.json).</summary>
     public IReadOnlyList<string> Adapters { get; init; } = [];
 
     /// <summary>Chat template family (llama3, llama2, mistral, chatml, plain); null detects it from tokenizer_config.json.</summary>
@@ -90,10 +93,18 @@ public sealed class ChatEngine : IDisposable
         var model = LlamaForCausalLM.FromPretrained(modelDirectory, options.Device, options.DType);
         try
         {
-            for (int i = 0; i < options.Adapters.Count; i++)
-                LoraAdapters.Load(model, options.Adapters[i], options.Adapters.Count == 1 ? "default" : $"adapter{i}");
-            if (options.Adapters.Count > 1)
-                LoraAdapters.SetActive(model, [.. Enumerable.Range(0, options.Adapters.Count).Select(i => $"adapter{i}")]);
+            var kinds = options.Adapters.Select(AdapterDirectory.Detect).ToList();
+            if (kinds.Contains(AdapterKind.MixLora) && kinds.Count > 1)
+                throw new LoraMixException($"a MixLoRA adapter is loaded on its own; got {kinds.Count} adapters ({string.Join(", ", options.Adapters)})");
+            if (kinds is [AdapterKind.MixLora])
+                MixLoraAdapters.Load(model, options.Adapters[0]);
+            else
+            {
+                for (int i = 0; i < options.Adapters.Count; i++)
+                    LoraAdapters.Load(model, options.Adapters[i], options.Adapters.Count == 1 ? "default" : $"adapter{i}");
+                if (options.Adapters.Count > 1)
+                    LoraAdapters.SetActive(model, [.. Enumerable.Range(0, options.Adapters.Count).Select(i => $"adapter{i}")]);
+            }
             model.eval();
             return new ChatEngine(model, tokenizer, template, modelDirectory);
         }

@@ -8,8 +8,9 @@ public sealed class CollatedBatch : IDisposable
     /// <summary>The label value that cross-entropy ignores (PyTorch's and Hugging Face's convention).</summary>
     public const long IgnoreIndex = -100;
 
-    internal CollatedBatch(Tensor inputIds, Tensor labels, int targetTokens, int realTokens)
+    internal CollatedBatch(Tensor inputIds, Tensor labels, int targetTokens, int realTokens, int[] lengths)
     {
+        Lengths = lengths;
         InputIds = inputIds;
         Labels = labels;
         TargetTokens = targetTokens;
@@ -28,6 +29,20 @@ public sealed class CollatedBatch : IDisposable
 
     /// <summary>Number of non-padding tokens (for throughput).</summary>
     public int RealTokens { get; }
+
+    /// <summary>The real (unpadded) length of each row; row b is padded from position <c>Lengths[b]</c> on.</summary>
+    public IReadOnlyList<int> Lengths { get; }
+
+    /// <summary>[B, T] int64 on the batch's device, 1 for real tokens and 0 for right padding (for losses that must skip
+    /// padding, e.g. MixLoRA's load-balancing loss). The caller owns the tensor.</summary>
+    public Tensor PaddingMask()
+    {
+        long t = SequenceLength;
+        var mask = new long[Lengths.Count * t];
+        for (int b = 0; b < Lengths.Count; b++)
+            for (int i = 0; i < Lengths[b]; i++) mask[b * t + i] = 1;
+        return tensor(mask, [Lengths.Count, t], ScalarType.Int64).to(InputIds.device);
+    }
 
     public long BatchSize => InputIds.shape[0];
     public long SequenceLength => InputIds.shape[1];
@@ -127,7 +142,7 @@ public sealed class DataCollator
         }
         var dev = device ?? CPU;
         return new CollatedBatch(tensor(ids, [examples.Count, len], ScalarType.Int64).to(dev),
-            tensor(labels, [examples.Count, len], ScalarType.Int64).to(dev), targets, real);
+            tensor(labels, [examples.Count, len], ScalarType.Int64).to(dev), targets, real, [.. examples.Select(e => e.InputIds.Length)]);
     }
 }
 

@@ -87,6 +87,7 @@ public sealed class MetricsLog : IDisposable
         {
             o["eval_loss"] = Num(eval.Loss);
             o["eval_ppl"] = Num(eval.Perplexity);
+            foreach (var (k, v) in eval.Extras ?? new Dictionary<string, double>()) o["eval_" + k] = Num(v);
         }
         return o;
     }

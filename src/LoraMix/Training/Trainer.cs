@@ -308,28 +308,50 @@ public sealed partial class Trainer
 
     private EvalMetrics EvaluatePrepared(IReadOnlyList<TrainingExample> data, int step, double epoch)
     {
-        var clock = Stopwatch.StartNew();
         int bs = _options.EvalBatchSize > 0 ? _options.EvalBatchSize : _options.BatchSize;
+        try { return EvaluateBatches(Model, _collator, _objective, data, bs, step, epoch); }
+        finally { Model.train(); }
+    }
+
+    /// <summary>
+    /// Mean token loss and perplexity of <paramref name="examples"/> on any model (no trainer, no trainable parameters
+    /// needed: <c>loramix eval</c>), truncated to <paramref name="cutoffLen"/>, in eval mode without gradients. The
+    /// model is left in eval mode.
+    /// </summary>
+    public static EvalMetrics Evaluate(LlamaForCausalLM model, IReadOnlyList<TrainingExample> examples, int cutoffLen, int batchSize = 8,
+        int padTokenId = 0, ITrainingObjective? objective = null)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        ArgumentNullException.ThrowIfNull(examples);
+        ArgumentOutOfRangeException.ThrowIfLessThan(batchSize, 1);
+        for (int i = 0; i < examples.Count; i++) examples[i].Validate(i, model.Config.VocabSize, "evaluation data");
+        var collator = new DataCollator(cutoffLen, padTokenId);
+        var prepared = collator.Prepare(examples, out _);
+        if (prepared.Count == 0) throw new LoraMixException($"no evaluation example has a target token within cutoff_len {cutoffLen}");
+        return EvaluateBatches(model, collator, objective ?? CausalLmObjective.Instance, prepared, batchSize, 0, 0);
+    }
+
+    private static EvalMetrics EvaluateBatches(LlamaForCausalLM model, DataCollator collator, ITrainingObjective objective,
+        IReadOnlyList<TrainingExample> data, int bs, int step, double epoch)
+    {
+        var clock = Stopwatch.StartNew();
         double sum = 0;
         long targets = 0;
-        Model.eval();
-        try
+        var extras = new Dictionary<string, double>(StringComparer.Ordinal);
+        model.eval();
+        using var noGrad = no_grad();
+        for (int i = 0; i < data.Count; i += bs)
         {
-            using var noGrad = no_grad();
-            for (int i = 0; i < data.Count; i += bs)
-            {
-                using var scope = NewDisposeScope();
-                using var batch = _collator.Collate(data.Skip(i).Take(bs).ToList(), Model.Device);
-                var output = _objective.Compute(Model, batch, training: false);
-                sum += output.TargetLossSum.to(ScalarType.Float64).item<double>();
-                targets += batch.TargetTokens;
-            }
-        }
-        finally
-        {
-            Model.train();
+            using var scope = NewDisposeScope();
+            using var batch = collator.Collate(data.Skip(i).Take(bs).ToList(), model.Device);
+            var output = objective.Compute(model, batch, training: false);
+            sum += output.TargetLossSum.to(ScalarType.Float64).item<double>();
+            targets += batch.TargetTokens;
+            foreach (var (k, v) in output.Metrics ?? new Dictionary<string, double>())
+                extras[k] = extras.GetValueOrDefault(k) + v * batch.TargetTokens;
         }
         double loss = sum / Math.Max(1, targets);
-        return new EvalMetrics(step, epoch, loss, Math.Exp(loss), targets, clock.Elapsed.TotalSeconds);
+        var mean = extras.ToDictionary(kv => kv.Key, kv => kv.Value / Math.Max(1, targets), StringComparer.Ordinal);
+        return new EvalMetrics(step, epoch, loss, Math.Exp(loss), targets, clock.Elapsed.TotalSeconds, mean.Count > 0 ? mean : null);
     }
 }

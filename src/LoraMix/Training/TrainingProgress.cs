@@ -11,8 +11,10 @@ public sealed record TrainingPlan(int TotalSteps, int StartStep, int StepsPerEpo
 public sealed record StepMetrics(int Step, double Epoch, double Loss, double LearningRate, double GradNorm, double TokensPerSecond,
     double ElapsedSeconds, double EtaSeconds, IReadOnlyDictionary<string, double> Extras);
 
-/// <summary>An evaluation pass: mean token loss, perplexity = exp(loss), number of target tokens and wall time.</summary>
-public sealed record EvalMetrics(int Step, double Epoch, double Loss, double Perplexity, long TargetTokens, double Seconds);
+/// <summary>An evaluation pass: mean token loss, perplexity = exp(loss), number of target tokens and wall time, plus the
+/// objective's extra metrics (e.g. router entropy), averaged over batches weighted by target tokens.</summary>
+public sealed record EvalMetrics(int Step, double Epoch, double Loss, double Perplexity, long TargetTokens, double Seconds,
+    IReadOnlyDictionary<string, double>? Extras = null);
 
 /// <summary>
 /// Where the trainer reports progress. The CLI picks <see cref="TrainingProgress.ForConsole"/> (a live bar in a terminal,
@@ -52,7 +54,8 @@ public static class TrainingProgress
         + string.Concat(m.Extras.Select(kv => string.Create(CultureInfo.InvariantCulture, $" | {kv.Key} {kv.Value:G4}")));
 
     internal static string Line(EvalMetrics m) => string.Create(CultureInfo.InvariantCulture,
-        $"eval at step {m.Step} | eval_loss {m.Loss:F4} | eval_ppl {m.Perplexity:F3} | {m.TargetTokens} target tokens in {m.Seconds:F1} s");
+        $"eval at step {m.Step} | eval_loss {m.Loss:F4} | eval_ppl {m.Perplexity:F3} | {m.TargetTokens} target tokens in {m.Seconds:F1} s")
+        + string.Concat((m.Extras ?? new Dictionary<string, double>()).Select(kv => string.Create(CultureInfo.InvariantCulture, $" | eval_{kv.Key} {kv.Value:G4}")));
 
     private sealed class NullProgress : ITrainingProgress
     {

@@ -1,4 +1,5 @@
 using LoraMix.Adapters.Lora;
+using LoraMix.Adapters.MixLora;
 using LoraMix.Checkpoints;
 using LoraMix.Modeling;
 using static TorchSharp.torch;
@@ -38,6 +39,25 @@ public sealed record TrainingTarget(
             dir => LoraAdapters.Save(model, saveConfig, dir, adapterName),
             dir => LoadByName(Path.Combine(dir, LoraAdapters.WeightsFileName), parameters),
             $"LoRA adapter '{adapterName}' (r={config.R}, alpha={config.LoraAlpha}, {parameters.Count} tensors, {parameters.Sum(p => p.Parameter.numel()):N0} parameters)");
+    }
+
+    /// <summary>
+    /// MixLoRA: freezes the base model and trains adapter <paramref name="adapterName"/> (attached beforehand with
+    /// <see cref="MixLoraAdapters.Attach"/>): routers, expert LoRAs and attention LoRAs. Checkpoints hold the adapter in
+    /// MoE-PEFT layout (adapter_config.json + adapter_model.bin + adapter_model.safetensors); parameters are named by
+    /// MoE-PEFT keys. Pair it with <see cref="MixLoraObjective"/> so the router losses reach the gradient.
+    /// </summary>
+    public static TrainingTarget MixLora(LlamaForCausalLM model, MixLoraConfig config, string adapterName = "default")
+    {
+        MixLoraAdapters.PrepareForTraining(model, adapterName);
+        MixLoraAdapters.SetActive(model, adapterName);
+        var parameters = MixLoraAdapters.StateDict(model, adapterName)
+            .Select(kv => new TrainableParameter(kv.Key, (TorchSharp.Modules.Parameter)kv.Value, Decay: true)).ToList();
+        return new TrainingTarget(model, parameters,
+            dir => MixLoraAdapters.Save(model, config, dir, adapterName),
+            dir => LoadByName(Path.Combine(dir, MixLoraAdapters.SafetensorsFileName), parameters),
+            $"MixLoRA adapter '{adapterName}' ({config.RoutingStrategy}, {config.NumExperts} experts, r={config.R}, " +
+            $"{parameters.Count} tensors, {parameters.Sum(p => p.Parameter.numel()):N0} parameters)");
     }
 
     /// <summary>

@@ -1,0 +1,416 @@
+using System.Globalization;
+using LoraMix.Adapters.Lora;
+using LoraMix.Adapters.MixLora;
+using LoraMix.Configuration;
+using LoraMix.Data;
+using LoraMix.Modeling;
+using LoraMix.Tokenization;
+
+namespace LoraMix.Training;
+
+/// <summary>What a recipe trains.</summary>
+public enum RecipeMethod
+{
+    /// <summary>A PEFT LoRA adapter on a frozen base (<c>adapter: {type: lora}</c>, the default with <c>model</c>).</summary>
+    Lora,
+
+    /// <summary>A MoE-PEFT MixLoRA adapter on a frozen base (<c>adapter: {type: mixlora}</c>).</summary>
+    MixLora,
+
+    /// <summary>Every weight (<c>adapter: {type: full}</c>, the only choice with <c>model_init</c>).</summary>
+    Full,
+}
+
+/// <summary>A task-world data source: <see cref="TaskWorld.Generate(IEnumerable{string}, int, int, TaskSplit, TaskGenerateOptions?)"/>
+/// rendered through <see cref="TaskWorldRecords"/>.</summary>
+/// <param name="Families">Task family ids (the config may also say <c>pretrain</c>, <c>held_out</c> or <c>all</c>).</param>
+/// <param name="Count">Examples in all, families round-robin.</param>
+/// <param name="Seed">Generator seed.</param>
+/// <param name="Split">train or test inputs.</param>
+/// <param name="Placement">Instruction in system or user; null mixes them half and half.</param>
+/// <param name="Paraphrases">Which instruction wordings are drawn.</param>
+public sealed record TaskWorldSource(IReadOnlyList<string> Families, int Count, int Seed, TaskSplit Split,
+    InstructionPlacement? Placement, ParaphraseSet Paraphrases = ParaphraseSet.Train)
+{
+    /// <summary>The examples as chat records with family and answer; line = 1-based index.</summary>
+    public IReadOnlyList<DatasetRecord> Records() =>
+        TaskWorld.Generate(Families, Count, Seed, Split, new TaskGenerateOptions { Placement = Placement, Paraphrases = Paraphrases })
+            .Select((e, i) => TaskWorldRecords.ToRecord(e, includeAnswer: true, line: i + 1)).ToList();
+
+    /// <summary>A short name for messages (<c>task_world[train: uppercase, sort_words]</c>).</summary>
+    public string Name => $"task_world[{Split.ToString().ToLowerInvariant()}: {string.Join(", ", Families)}]";
+}
+
+/// <summary>A dataset: files (alpaca / chat / ShareGPT / text, JSON or JSONL or .txt) or a task-world source.</summary>
+public sealed record DatasetSpec(IReadOnlyList<string> Files, TaskWorldSource? TaskWorld, DatasetFormat Format = DatasetFormat.Auto);
+
+/// <summary>Pre-training from scratch: the architecture (vocabulary and special ids are filled from the tokenizer), the
+/// tokenizer (<c>byte-level</c>, or a directory whose tokenizer files are copied) and the initialisation seed.</summary>
+public sealed record ModelInitSpec(LlamaConfig Architecture, string Tokenizer, long Seed);
+
+/// <summary>The outcome of <see cref="TrainingRecipe.Run"/>.</summary>
+/// <param name="Training">The trainer's result (steps, evaluations, checkpoints).</param>
+/// <param name="OutputDir">Where the adapter (or model), metrics.jsonl and loss.png were written.</param>
+/// <param name="ModelDir">The model directory to load the result with: the base model for adapters, the output for
+/// full training.</param>
+/// <param name="AdapterDir">The adapter directory (= output dir), or null for full training.</param>
+/// <param name="TrainExamples">Training examples used.</param>
+/// <param name="EvalExamples">Validation examples used.</param>
+/// <param name="Skipped">Bad records skipped (skip_bad), with file:line.</param>
+/// <param name="ExactMatch">Exact-match on the evaluation records with answers, when asked for.</param>
+/// <param name="Routing">Per-layer routing statistics of the last evaluation (MixLoRA with validation data).</param>
+public sealed record RecipeResult(TrainingResult Training, string OutputDir, string ModelDir, string? AdapterDir, int TrainExamples,
+    int EvalExamples, IReadOnlyList<string> Skipped, Evaluation.ExactMatchReport? ExactMatch,
+    IReadOnlyList<Routing.LayerRoutingStatistics>? Routing)
+{
+    /// <summary>metrics.jsonl.</summary>
+    public string MetricsPath => Path.Combine(OutputDir, MetricsLog.FileName);
+
+    /// <summary>loss.png.</summary>
+    public string LossPlotPath => Path.Combine(OutputDir, LossPlot.FileName);
+}
+
+/// <summary>
+/// A configuration-driven training job (what <c>loramix train</c> and <c>loramix pretrain</c> run, and what C# callers
+/// such as the quickstart build): parse and validate a YAML/JSON config with LLaMA-Factory/PEFT key names, then
+/// <see cref="Run"/> it — tokenizer, datasets rendered with the chat template, model (loaded or initialised), LoRA,
+/// MixLoRA or full training through the one <see cref="Trainer"/>, and optional exact-match evaluation through the
+/// one engine. Unknown keys are rejected with the key and the file. See README "Fine-tuning" for the key list.
+/// </summary>
+public sealed record TrainingRecipe
+{
+    /// <summary>The config file (for messages and relative dataset paths).</summary>
+    public string Source { get; init; } = "recipe";
+    /// <summary>Base model directory (<c>model</c>; alias <c>model_name_or_path</c>), or null with <see cref="ModelInit"/>.</summary>
+    public string? ModelPath { get; init; }
+    /// <summary>Pre-training from scratch (<c>model_init</c>).</summary>
+    public ModelInitSpec? ModelInit { get; init; }
+    public RecipeMethod Method { get; init; } = RecipeMethod.Lora;
+    /// <summary>The LoRA config (<see cref="RecipeMethod.Lora"/>).</summary>
+    public LoraConfig? Lora { get; init; }
+    /// <summary>The MixLoRA config (<see cref="RecipeMethod.MixLora"/>).</summary>
+    public MixLoraConfig? MixLora { get; init; }
+    /// <summary>Trainer options (top-level keys, <see cref="TrainingOptions.FromConfig"/>).</summary>
+    public TrainingOptions Trainer { get; init; } = new();
+    public required DatasetSpec Dataset { get; init; }
+    public DatasetSpec? EvalDataset { get; init; }
+    /// <summary>Fraction of the training records held out for validation when no eval_dataset is given (<c>val_size</c>).</summary>
+    public double ValSize { get; init; }
+    /// <summary>Use at most this many training records (<c>max_samples</c>; 0 = all).</summary>
+    public int MaxSamples { get; init; }
+    /// <summary>Chat template name; null detects it from tokenizer_config.json (<c>template</c>).</summary>
+    public string? Template { get; init; }
+    /// <summary>Loss on every token instead of assistant tokens only (<c>train_on_prompt</c>).</summary>
+    public bool TrainOnPrompt { get; init; }
+    /// <summary>Skip and count bad records instead of failing (<c>skip_bad</c>).</summary>
+    public bool SkipBad { get; init; }
+    /// <summary><c>cpu</c>, <c>cuda</c>, <c>cuda:N</c> (<c>device</c>).</summary>
+    public string Device { get; init; } = "cpu";
+    /// <summary>Exact-match after training on the evaluation records with answers (<c>eval_exact_match</c>); null = only
+    /// when the eval dataset is a task-world source.</summary>
+    public bool? EvalExactMatch { get; init; }
+    /// <summary>Generation budget of the exact-match evaluation (<c>eval_max_new_tokens</c>).</summary>
+    public int EvalMaxNewTokens { get; init; } = 64;
+    /// <summary>Test examples per task family in <c>pretrain_report.json</c> (<c>report_samples_per_family</c>).</summary>
+    public int ReportSamplesPerFamily { get; init; } = 20;
+
+    /// <summary>Whether exact-match runs after training.</summary>
+    public bool RunsExactMatch => EvalExactMatch ?? EvalDataset?.TaskWorld is not null;
+
+    private static readonly string[] MixLoraKeys =
+    [
+        "routing_strategy", "num_experts", "top_k", "top_p", "temperature", "router_aux_loss_coef", "router_loss",
+        "router_z_loss_coef", "router_init_range", "jitter_noise", "act_fn", "expert_capacity", "ffn_dropout", "sparse_step",
+        "lora_init", "expert_lora.r", "expert_lora.lora_alpha", "expert_lora.lora_dropout", "expert_lora.use_rslora",
+    ];
+
+    /// <summary>Keys understood besides the trainer's (<see cref="TrainingOptions.Keys"/>).</summary>
+    public static IReadOnlyList<string> RecipeKeys { get; } =
+    [
+        "model", "model_name_or_path", "model_init.preset", "model_init.hidden_size", "model_init.intermediate_size",
+        "model_init.num_hidden_layers", "model_init.num_attention_heads", "model_init.num_key_value_heads", "model_init.head_dim",
+        "model_init.max_position_embeddings", "model_init.rope_theta", "model_init.rms_norm_eps", "model_init.tie_word_embeddings",
+        "model_init.vocab_size", "model_init.tokenizer", "model_init.seed",
+        "dataset", "dataset.task_world.families", "dataset.task_world.count", "dataset.task_world.seed", "dataset.task_world.split",
+        "dataset.task_world.placement", "dataset.task_world.paraphrases", "dataset_format",
+        "eval_dataset", "eval_dataset.task_world.families", "eval_dataset.task_world.count", "eval_dataset.task_world.seed",
+        "eval_dataset.task_world.split", "eval_dataset.task_world.placement", "eval_dataset.task_world.paraphrases",
+        "val_size", "max_samples", "template", "train_on_prompt", "skip_bad", "device",
+        "eval_exact_match", "eval_max_new_tokens", "report_samples_per_family",
+        "adapter.type", "adapter.r", "adapter.lora_alpha", "adapter.lora_dropout", "adapter.target_modules", "adapter.use_rslora",
+        .. MixLoraKeys.Select(k => "adapter." + k),
+    ];
+
+
+    /// <summary>Every key a recipe understands (recipe keys, trainer keys and their synonyms).</summary>
+    public static IReadOnlyList<string> AllKeys { get; } =
+        [.. RecipeKeys, .. TrainingOptions.Keys, .. TrainingOptions.Aliases.Keys];
+
+    /// <summary>Loads a YAML/JSON recipe with <c>key=value</c> overrides (<c>--set</c>).</summary>
+    public static TrainingRecipe Load(string path, IEnumerable<string>? overrides = null) => Parse(ConfigDocument.Load(path, overrides));
+
+    /// <summary>Reads and validates a recipe; every key must be understood (the error names the key and the file).</summary>
+    public static TrainingRecipe Parse(ConfigDocument doc)
+    {
+        ArgumentNullException.ThrowIfNull(doc);
+        string src = doc.Source;
+        ConfigFileException Bad(string key, string message) => new(src, key, message);
+
+        // ---- model
+        string? model = doc.String("model");
+        if (doc.String("model_name_or_path") is { } alias)
+        {
+            if (model is not null) throw Bad("model_name_or_path", "both 'model' and its synonym 'model_name_or_path' are set; keep one");
+            model = alias;
+        }
+        bool init = doc.Has("model_init");
+        if (model is not null && init) throw Bad("model_init", "both 'model' (fine-tune a model) and 'model_init' (pre-train from scratch) are set; keep one");
+        if (model is null && !init) throw Bad("model", "missing: give 'model' (a Hugging Face model directory) or 'model_init' (an architecture to pre-train from scratch)");
+
+        // ---- method
+        string type = doc.String("adapter.type") ?? (init ? "full" : "lora");
+        var method = type.ToLowerInvariant() switch
+        {
+            "lora" => RecipeMethod.Lora,
+            "mixlora" => RecipeMethod.MixLora,
+            "full" => RecipeMethod.Full,
+            _ => throw Bad("adapter.type", $"unknown adapter type '{type}'; expected lora, mixlora or full"),
+        };
+        if (init && method != RecipeMethod.Full)
+            throw Bad("adapter.type", $"'{type}' needs a trained base model; 'model_init' pre-trains every weight, so use type: full (or leave adapter out)");
+
+        var trainer = TrainingOptions.FromConfig(doc);
+        var recipe = new TrainingRecipe
+        {
+            Source = src,
+            ModelPath = model,
+            Method = method,
+            Trainer = trainer,
+            Dataset = ReadDataset(doc, "dataset") ?? throw Bad("dataset", "missing: a file, a list of files, or {task_world: {families: [...], count: N}}"),
+            EvalDataset = ReadDataset(doc, "eval_dataset"),
+            ValSize = doc.Double("val_size", 0),
+            MaxSamples = doc.Int("max_samples", 0),
+            Template = doc.String("template"),
+            TrainOnPrompt = doc.Bool("train_on_prompt", false),
+            SkipBad = doc.Bool("skip_bad", false),
+            Device = doc.String("device", "cpu")!,
+            EvalExactMatch = doc.Has("eval_exact_match") ? doc.Bool("eval_exact_match", false) : null,
+            EvalMaxNewTokens = doc.Int("eval_max_new_tokens", 64),
+            ReportSamplesPerFamily = doc.Int("report_samples_per_family", 20),
+        };
+        if (doc.String("dataset_format") is { } fmt)
+        {
+            var f = Enum.TryParse<DatasetFormat>(fmt, ignoreCase: true, out var parsed) ? parsed
+                : throw Bad("dataset_format", $"unknown format '{fmt}'; expected auto, alpaca, chat or text");
+            recipe = recipe with
+            {
+                Dataset = recipe.Dataset with { Format = f },
+                EvalDataset = recipe.EvalDataset is { } e ? e with { Format = f } : null,
+            };
+        }
+        if (!(recipe.ValSize >= 0 && recipe.ValSize < 1)) throw Bad("val_size", $"must be in [0, 1), got {recipe.ValSize.ToString(CultureInfo.InvariantCulture)}");
+        if (recipe.ValSize > 0 && recipe.EvalDataset is not null) throw Bad("val_size", "both 'eval_dataset' and 'val_size' are set; keep one");
+        if (recipe.MaxSamples < 0) throw Bad("max_samples", $"must be non-negative (0 = all), got {recipe.MaxSamples}");
+        if (recipe.Template is { } t && !ChatTemplate.TryParse(t, out _)) throw Bad("template", $"unknown template '{t}'; expected one of {string.Join(", ", ChatTemplate.Names)}");
+        if (recipe.EvalMaxNewTokens < 1) throw Bad("eval_max_new_tokens", $"must be at least 1, got {recipe.EvalMaxNewTokens}");
+        if (recipe.ReportSamplesPerFamily < 1) throw Bad("report_samples_per_family", $"must be at least 1, got {recipe.ReportSamplesPerFamily}");
+        if (recipe.EvalExactMatch == true && recipe.EvalDataset is null && recipe.ValSize == 0)
+            throw Bad("eval_exact_match", "needs evaluation data: set eval_dataset or val_size");
+        try { Torch.TorchRuntime.ParseDevice(recipe.Device); }
+        catch (Exception e) when (e is ArgumentException or LoraMixException) { throw Bad("device", e.Message); }
+
+        // ---- model_init / adapters
+        if (init) recipe = recipe with { ModelInit = ReadModelInit(doc, trainer.Seed) };
+        recipe = method switch
+        {
+            RecipeMethod.Lora => recipe with { Lora = ReadLora(doc, model) },
+            RecipeMethod.MixLora => recipe with { MixLora = ReadMixLora(doc, model) },
+            _ => recipe,
+        };
+        doc.RejectUnread(AllKeys);
+        return recipe;
+    }
+
+    private static DatasetSpec? ReadDataset(ConfigDocument doc, string key)
+    {
+        if (!doc.Has(key)) return null;
+        if (doc.IsMapping(key))
+        {
+            if (!doc.Has(key + ".task_world"))
+                throw new ConfigFileException(doc.Source, key, "a mapping must be {task_world: {...}}; for files give a path or a list of paths");
+            string p = key + ".task_world.";
+            var names = doc.StringList(p + "families") ?? throw new ConfigFileException(doc.Source, p + "families",
+                "missing: a list of task families, or pretrain, held_out or all");
+            var families = new List<string>();
+            foreach (var n in names)
+            {
+                IReadOnlyList<string> group = n switch
+                {
+                    "pretrain" => TaskWorld.PretrainFamilies,
+                    "held_out" => TaskWorld.HeldOutFamilies,
+                    "all" => TaskWorld.Families,
+                    _ when TaskWorld.Families.Contains(n) => [n],
+                    _ => throw new ConfigFileException(doc.Source, p + "families",
+                        $"unknown task family '{n}'; expected pretrain, held_out, all or some of {string.Join(", ", TaskWorld.Families)}"),
+                };
+                foreach (var f in group) if (!families.Contains(f)) families.Add(f);
+            }
+            int count = doc.Int(p + "count", 1000);
+            if (count < 1) throw new ConfigFileException(doc.Source, p + "count", $"must be at least 1, got {count}");
+            string split = doc.String(p + "split", key == "dataset" ? "train" : "test")!;
+            string placement = doc.String(p + "placement", "system")!;
+            string paraphrases = doc.String(p + "paraphrases", "train")!;
+            var source = new TaskWorldSource(families, count, doc.Int(p + "seed", key == "dataset" ? 0 : 1),
+                split switch
+                {
+                    "train" => TaskSplit.Train,
+                    "test" => TaskSplit.Test,
+                    _ => throw new ConfigFileException(doc.Source, p + "split", $"expected train or test, got '{split}'"),
+                },
+                placement switch
+                {
+                    "system" => InstructionPlacement.System,
+                    "user" => InstructionPlacement.User,
+                    "mixed" => null,
+                    _ => throw new ConfigFileException(doc.Source, p + "placement", $"expected system, user or mixed, got '{placement}'"),
+                },
+                paraphrases switch
+                {
+                    "train" => ParaphraseSet.Train,
+                    "held_out" => ParaphraseSet.HeldOut,
+                    "all" => ParaphraseSet.All,
+                    _ => throw new ConfigFileException(doc.Source, p + "paraphrases", $"expected train, held_out or all, got '{paraphrases}'"),
+                });
+            return new DatasetSpec([], source);
+        }
+        var files = doc.StringList(key);
+        if (files is null || files.Count == 0) throw new ConfigFileException(doc.Source, key, "is empty: give a file, a list of files, or {task_world: {...}}");
+        string baseDir = Path.GetDirectoryName(Path.GetFullPath(doc.Source)) ?? ".";
+        // A relative path is taken from the working directory, else from the config file's directory.
+        var resolved = files.Select(f => File.Exists(f) || Path.IsPathRooted(f) || !File.Exists(Path.Combine(baseDir, f)) ? f : Path.Combine(baseDir, f)).ToList();
+        return new DatasetSpec(resolved, null);
+    }
+
+    private static ModelInitSpec ReadModelInit(ConfigDocument doc, long defaultSeed)
+    {
+        const string p = "model_init.";
+        var basis = doc.String(p + "preset") is { } preset
+            ? (ModelPresets.Names.Contains(preset) ? ModelPresets.Get(preset)
+                : throw new ConfigFileException(doc.Source, p + "preset", $"unknown preset '{preset}'; available: {string.Join(", ", ModelPresets.Names)}"))
+            : new LlamaConfig { RmsNormEps = 1e-5, MaxPositionEmbeddings = 512 };
+        int hidden = doc.Int(p + "hidden_size", basis.HiddenSize);
+        int heads = doc.Int(p + "num_attention_heads", basis.NumAttentionHeads);
+        var cfg = basis with
+        {
+            ModelType = "llama",
+            HiddenSize = hidden,
+            IntermediateSize = doc.Int(p + "intermediate_size", basis.IntermediateSize),
+            NumHiddenLayers = doc.Int(p + "num_hidden_layers", basis.NumHiddenLayers),
+            NumAttentionHeads = heads,
+            NumKeyValueHeads = doc.Int(p + "num_key_value_heads", basis.NumKeyValueHeads > 0 ? basis.NumKeyValueHeads : heads),
+            HeadDim = doc.Int(p + "head_dim", basis.HeadDim > 0 ? basis.HeadDim : heads > 0 ? hidden / heads : 0),
+            MaxPositionEmbeddings = doc.Int(p + "max_position_embeddings", basis.MaxPositionEmbeddings),
+            RopeTheta = doc.Double(p + "rope_theta", basis.RopeTheta),
+            RmsNormEps = doc.Double(p + "rms_norm_eps", basis.RmsNormEps),
+            TieWordEmbeddings = doc.Bool(p + "tie_word_embeddings", basis.TieWordEmbeddings),
+            VocabSize = doc.Int(p + "vocab_size", 0),
+        };
+        string tokenizer = doc.String(p + "tokenizer") ?? throw new ConfigFileException(doc.Source, p + "tokenizer",
+            "missing: 'byte-level' (writes a byte-level tokenizer) or a directory holding tokenizer.json / tokenizer.model");
+        if (tokenizer != "byte-level" && !Inference.ChatEngine.HasTokenizerFiles(tokenizer))
+            throw new ConfigFileException(doc.Source, p + "tokenizer", $"'{tokenizer}' is neither 'byte-level' nor a directory with tokenizer.json or tokenizer.model");
+        // Validate the shape now (with a placeholder vocabulary when it comes from the tokenizer).
+        try { (cfg with { VocabSize = Math.Max(cfg.VocabSize, 1), BosTokenId = null, EosTokenIds = [], PadTokenId = null }).Validate(doc.Source + ": model_init"); }
+        catch (ModelConfigException e) { throw new ConfigFileException(doc.Source, p.TrimEnd('.'), e.Message); }
+        return new ModelInitSpec(cfg, tokenizer, doc.Int(p + "seed", (int)defaultSeed));
+    }
+
+    private static LoraConfig ReadLora(ConfigDocument doc, string? model)
+    {
+        var d = new LoraConfig();
+        int r = doc.Int("adapter.r", d.R);
+        var cfg = new LoraConfig
+        {
+            R = r,
+            LoraAlpha = doc.Double("adapter.lora_alpha", d.LoraAlpha),
+            LoraDropout = doc.Double("adapter.lora_dropout", d.LoraDropout),
+            UseRsLora = doc.Bool("adapter.use_rslora", false),
+            BaseModelNameOrPath = model,
+        };
+        if (doc.IsList("adapter.target_modules"))
+            cfg = cfg with { TargetModules = doc.StringList("adapter.target_modules") };
+        else if (doc.String("adapter.target_modules") is { } t)
+            cfg = t is "all-linear" or "all" ? cfg with { AllLinear = true, TargetModules = null } : cfg with { TargetRegex = t, TargetModules = null };
+        try { cfg.Validate(doc.Source + ": adapter"); }
+        catch (LoraMixException e) { throw new ConfigFileException(doc.Source, "adapter", e.Message); }
+        return cfg;
+    }
+
+    private static MixLoraConfig ReadMixLora(ConfigDocument doc, string? model)
+    {
+        const string p = "adapter.";
+        var d = new MixLoraConfig();
+        IReadOnlyList<string> targets = d.TargetModules;
+        if (doc.IsList(p + "target_modules")) targets = doc.StringList(p + "target_modules")!;
+        else if (doc.String(p + "target_modules") is { } t)
+            targets = t is "all-linear" or "all" ? MixLoraConfig.LlamaTargetOrder
+                : throw new ConfigFileException(doc.Source, p + "target_modules", $"expected a list of projections or \"all-linear\", got '{t}'");
+        ExpertLoraConfig? expert = null;
+        if (doc.Has(p + "expert_lora"))
+        {
+            var x = new ExpertLoraConfig();
+            expert = new ExpertLoraConfig
+            {
+                R = doc.Int(p + "expert_lora.r", x.R),
+                LoraAlpha = doc.Int(p + "expert_lora.lora_alpha", x.LoraAlpha),
+                LoraDropout = doc.Double(p + "expert_lora.lora_dropout", x.LoraDropout),
+                UseRsLora = doc.Bool(p + "expert_lora.use_rslora", x.UseRsLora),
+            };
+        }
+        int? OptInt(string key) => doc.Int(p + key);
+        var cfg = new MixLoraConfig
+        {
+            R = doc.Int(p + "r", d.R),
+            LoraAlpha = doc.Int(p + "lora_alpha", d.LoraAlpha),
+            LoraDropout = doc.Double(p + "lora_dropout", d.LoraDropout),
+            TargetModules = targets,
+            UseRsLora = doc.Bool(p + "use_rslora", d.UseRsLora),
+            LoraInit = doc.String(p + "lora_init", d.LoraInit)!,
+            ExpertLora = expert,
+            RoutingStrategy = doc.String(p + "routing_strategy", d.RoutingStrategy)!,
+            NumExperts = doc.Int(p + "num_experts", d.NumExperts),
+            TopK = doc.Int(p + "top_k", d.TopK),
+            TopP = doc.Double(p + "top_p", d.TopP),
+            Temperature = doc.Double(p + "temperature", d.Temperature),
+            RouterAuxLossCoef = doc.Double(p + "router_aux_loss_coef", d.RouterAuxLossCoef),
+            RouterLoss = doc.Bool(p + "router_loss", d.RouterLoss),
+            RouterZLossCoef = doc.Double(p + "router_z_loss_coef"),
+            RouterInitRange = doc.Double(p + "router_init_range"),
+            JitterNoise = doc.Double(p + "jitter_noise"),
+            ActFn = doc.String(p + "act_fn"),
+            ExpertCapacity = doc.Int(p + "expert_capacity", d.ExpertCapacity),
+            FfnDropout = doc.Double(p + "ffn_dropout", d.FfnDropout),
+            SparseStep = OptInt("sparse_step"),
+            BaseModelNameOrPath = model,
+        };
+        try { cfg.Validate(doc.Source + ": adapter"); }
+        catch (AdapterConfigException e) { throw new ConfigFileException(doc.Source, p + e.Key, e.Reason); }
+        return cfg;
+    }
+
+    /// <summary>Runs the recipe: see <see cref="TrainingRecipeRunner"/>.</summary>
+    public RecipeResult Run(ITrainingProgress? progress = null, CancellationToken cancellationToken = default) =>
+        TrainingRecipeRunner.Run(this, progress ?? TrainingProgress.None, cancellationToken);
+
+    /// <summary>
+    /// After <see cref="Run"/> of a <c>model_init</c> recipe: exact-match of the trained model on the test split of every
+    /// task family (<see cref="ReportSamplesPerFamily"/> each, the training data's instruction placement), written to
+    /// <c>pretrain_report.json</c> in the model directory.
+    /// </summary>
+    public PretrainReport WritePretrainReport(RecipeResult result, ITrainingProgress? progress = null, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(result);
+        if (Method != RecipeMethod.Full) throw new LoraMixException("a pre-training report needs a trained model (model_init or adapter type full), not an adapter");
+        return TrainingRecipeRunner.WritePretrainReport(this, result, progress ?? TrainingProgress.None, cancellationToken);
+    }
+}
