@@ -166,3 +166,54 @@ public sealed class RecipeParseTests
         Assert.Contains("num_key_value_heads", badShape.Message);
     }
 }
+
+/// <summary>The example recipes and data under examples/ stay valid.</summary>
+public sealed class RecipeExampleTests
+{
+    private static string ExamplesDir()
+    {
+        for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
+            if (File.Exists(Path.Combine(dir.FullName, "examples", "pretrain-tiny.yaml"))) return Path.Combine(dir.FullName, "examples");
+        throw new InvalidOperationException("examples/ not found above " + AppContext.BaseDirectory);
+    }
+
+    [Theory]
+    [InlineData("lora-task-world.yaml", RecipeMethod.Lora)]
+    [InlineData("mixlora-task-world.yaml", RecipeMethod.MixLora)]
+    [InlineData("pretrain-tiny.yaml", RecipeMethod.Full)]
+    [InlineData("lora-alpaca.yaml", RecipeMethod.Lora)]
+    public void ExampleRecipesParse(string file, RecipeMethod method)
+    {
+        var r = TrainingRecipe.Load(Path.Combine(ExamplesDir(), file));
+        Assert.Equal(method, r.Method);
+    }
+
+    [Fact]
+    public void ThePretrainExampleIsTheTinyArchitectureOnThePretrainFamilies()
+    {
+        var r = TrainingRecipe.Load(Path.Combine(ExamplesDir(), "pretrain-tiny.yaml"));
+        var a = r.ModelInit!.Architecture with { VocabSize = LoraMix.Tokenization.ByteLevelTokenizerFiles.VocabSize() };
+        Assert.InRange(a.ParameterCount(), 2_500_000, 3_500_000);
+        Assert.Equal(TaskWorld.PretrainFamilies, r.Dataset.TaskWorld!.Families);
+        Assert.Empty(r.Dataset.TaskWorld.Families.Intersect(TaskWorld.HeldOutFamilies));
+        Assert.Null(r.Dataset.TaskWorld.Placement);
+        Assert.Equal("models/loramix-tiny", r.Trainer.OutputDir);
+    }
+
+    [Fact]
+    public void TheExampleDataTrainsOneStepOnATinyModel()
+    {
+        using var dir = new TempDir();
+        string model = RecipeFixtures.TinyByteModel(dir.Sub("base"));
+        string ex = ExamplesDir();
+        var r = TrainingRecipe.Load(Path.Combine(ex, "lora-alpaca.yaml"),
+        [
+            $"model={model}", $"output_dir={dir.Sub("out")}", "max_steps=1", "num_epochs=1",
+            $"dataset=[{Path.Combine(ex, "data", "alpaca-tiny.jsonl")}, {Path.Combine(ex, "data", "chat-tiny.jsonl")}]",
+        ]);
+        var result = r.Run();
+        Assert.Equal(10, result.TrainExamples + result.EvalExamples);
+        Assert.Empty(result.Skipped);
+        Assert.True(File.Exists(Path.Combine(dir.Sub("out"), "adapter_model.safetensors")));
+    }
+}
