@@ -1,4 +1,6 @@
 using LoraMix.Modeling;
+using LoraMix.Routing;
+using LoraMix.Tokenization;
 using static TorchSharp.torch;
 
 namespace LoraMix.Inference;
@@ -66,11 +68,48 @@ public sealed class TokenGenerator
     /// accepted (streaming). Output tokens exclude the prompt and the stop token.
     /// </summary>
     public IReadOnlyList<GeneratedSequence> Generate(IReadOnlyList<IReadOnlyList<int>> prompts, GenerationOptions options,
-        Action<int, int>? onToken = null, CancellationToken cancellationToken = default)
+        Action<int, int>? onToken = null, CancellationToken cancellationToken = default) =>
+        Generate(prompts, options, null, null, onToken, cancellationToken);
+
+    /// <summary>
+    /// Generates for one rendered chat (<see cref="RenderedChat.Ids"/>, with its <see cref="RenderedChat.Privileges"/>)
+    /// through <paramref name="routing"/> (see the batched overload).
+    /// </summary>
+    public GeneratedSequence Generate(RenderedChat chat, GenerationOptions options, RoutingContext routing, Action<int>? onToken = null,
+        CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(chat);
+        return Generate([chat.Ids], options, routing, [chat.Privileges], onToken is null ? null : (_, t) => onToken(t), cancellationToken)[0];
+    }
+
+    /// <summary>
+    /// Generates for a batch of prompts through a routing context: every forward call (the prefill and each decoding
+    /// step) passes <paramref name="routing"/>, so its policy routes, its trace records every step and its collector holds
+    /// the latest step. <paramref name="privileges"/> labels each prompt's tokens (one label per token, e.g.
+    /// <see cref="RenderedChat.Privileges"/>; required by the privileged policy); generated tokens are labelled
+    /// <see cref="Privilege.Assistant"/> — under the privileged policy they are frozen when an untrusted token preceded
+    /// them. The routing state starts fresh (a new cache); on return <see cref="RoutingContext.PrivilegeLabels"/> holds
+    /// the last step's labels and <see cref="RoutingContext.PolicyState"/> the final state.
+    /// </summary>
+    /// <remarks>The trace holds, per row, the prompt tokens then each generated token as it was fed back; the last
+    /// sampled token is never run through the model (nothing follows it), and a row that stopped early keeps being
+    /// stepped (its extra tokens are traced too): cut at the prompt length plus <see cref="GeneratedSequence.Tokens"/>.</remarks>
+    public IReadOnlyList<GeneratedSequence> Generate(IReadOnlyList<IReadOnlyList<int>> prompts, GenerationOptions options,
+        RoutingContext? routing, IReadOnlyList<IReadOnlyList<Privilege>>? privileges, Action<int, int>? onToken = null,
+        CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(prompts);
         options.Validate();
         if (prompts.Count == 0) return [];
+        if (privileges is not null)
+        {
+            if (routing is null) throw new ArgumentException("privilege labels need a routing context to travel in", nameof(privileges));
+            if (privileges.Count != prompts.Count)
+                throw new ArgumentException($"{privileges.Count} privilege label rows for {prompts.Count} prompts", nameof(privileges));
+            for (int i = 0; i < prompts.Count; i++)
+                if (privileges[i].Count != prompts[i].Count)
+                    throw new ArgumentException($"prompt {i} has {prompts[i].Count} tokens but {privileges[i].Count} privilege labels", nameof(privileges));
+        }
         int vocab = _model.Config.VocabSize;
         for (int i = 0; i < prompts.Count; i++)
         {
@@ -120,13 +159,15 @@ public sealed class TokenGenerator
         var input = tensor(ids, [batch, maxPrompt], device: device);
         Tensor? attn = padded ? tensor(mask, [batch, maxPrompt], device: device) : null;
         bool[] done = new bool[batch];
+        if (privileges is not null) routing!.SetPrivileges(privileges, maxPrompt);
         for (int step = 0; step < options.MaxNewTokens; step++)
         {
             cancellationToken.ThrowIfCancellationRequested();
             long[] next;
             using (var stepScope = NewDisposeScope())
             {
-                var logits = _model.Forward(input, cache, attn, lastOnly: true).squeeze(1).to(ScalarType.Float32);
+                if (step > 0 && privileges is not null) routing!.SetPrivileges(Privilege.Assistant, batch);
+                var logits = _model.Forward(input, cache, attn, lastOnly: true, routing: routing).squeeze(1).to(ScalarType.Float32);
                 var chosen = Sample(logits, options, seen, rng);
                 if (seen is not null) seen.scatter_(1, chosen.unsqueeze(1), ones(batch, 1, dtype: ScalarType.Bool, device: device));
                 next = chosen.cpu().data<long>().ToArray();

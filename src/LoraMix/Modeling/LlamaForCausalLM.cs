@@ -66,15 +66,28 @@ public sealed class LlamaForCausalLM : nn.Module
     {
         if (inputIds.dim() != 2)
             throw new ArgumentException($"input ids must be [batch, seq], got [{string.Join(", ", inputIds.shape)}]", nameof(inputIds));
-        long b = inputIds.shape[0], t = inputIds.shape[1];
-        if (t == 0) throw new ArgumentException("input ids must contain at least one position", nameof(inputIds));
+        if (inputIds.shape[1] == 0) throw new ArgumentException("input ids must contain at least one position", nameof(inputIds));
+        using var scope = NewDisposeScope();
+        var embeddings = _model.EmbedTokens.call(inputIds.to(ScalarType.Int64, Device));
+        return ForwardEmbeddings(embeddings, cache, attentionMask, routing).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// Runs every layer and the final norm on given input embeddings [B, T, hidden] (Hugging Face's <c>inputs_embeds</c>,
+    /// e.g. one-hot rows times the embedding matrix for gradients with respect to the tokens); returns hidden states.
+    /// </summary>
+    public Tensor ForwardEmbeddings(Tensor inputEmbeddings, KvCache? cache = null, Tensor? attentionMask = null, RoutingContext? routing = null)
+    {
+        if (inputEmbeddings.dim() != 3 || inputEmbeddings.shape[2] != Config.HiddenSize)
+            throw new ArgumentException($"input embeddings must be [batch, seq, {Config.HiddenSize}], got [{string.Join(", ", inputEmbeddings.shape)}]", nameof(inputEmbeddings));
+        long b = inputEmbeddings.shape[0], t = inputEmbeddings.shape[1];
+        if (t == 0) throw new ArgumentException("input embeddings must contain at least one position", nameof(inputEmbeddings));
         if (cache is not null && cache.BatchSize != b)
             throw new ArgumentException($"cache batch size {cache.BatchSize} differs from input batch size {b}", nameof(cache));
         if (attentionMask is not null && (attentionMask.dim() != 2 || attentionMask.shape[0] != b || attentionMask.shape[1] != t))
             throw new ArgumentException($"attention mask must be [{b}, {t}], got [{string.Join(", ", attentionMask.shape)}]", nameof(attentionMask));
 
         using var scope = NewDisposeScope();
-        var ids = inputIds.to(ScalarType.Int64, Device);
         Tensor? mask = attentionMask?.to(ScalarType.Bool, Device);
 
         // Rotary positions count real tokens only, continuing from what the cache has seen.
@@ -126,13 +139,13 @@ public sealed class LlamaForCausalLM : nn.Module
         }
 
         var (cos, sin) = _rotary.Lookup(positions, DType, maxPos);
-        routing?.BeginForward(b, t, mask);
+        routing?.BeginForward(b, t, mask, continuation: start > 0);
         var ctx = new ForwardContext
         {
             Cos = cos, Sin = sin, AttentionMask = attnMask, IsCausal = causal, Cache = cache, Start = start,
             TokenMask = mask, Routing = routing,
         };
-        var h = _model.EmbedTokens.call(ids);
+        var h = inputEmbeddings.to(Device);
         foreach (var layer in _model.Layers) h = layer.call(h, ctx);
         return _model.Norm.call(h).MoveToOuterDisposeScope();
     }

@@ -4,8 +4,16 @@ using static TorchSharp.torch;
 namespace LoraMix.Routing;
 
 /// <summary>What a router policy sees when one mixture-of-experts block routes one forward step.</summary>
+/// <remarks>
+/// The router is given as a function (<see cref="Router"/>), not as precomputed logits: a policy decides which tokens'
+/// hidden states the router reads. <see cref="Logits"/> and <see cref="Probabilities"/> run the router on every token
+/// when first read (the free policy does); a policy that must not read some tokens (the privileged policy) never reads
+/// them and calls <see cref="Router"/> on the rows it selects.
+/// </remarks>
 public sealed class RouterStep
 {
+    private Tensor? _logits, _probabilities;
+
     /// <summary>Decoder layer index.</summary>
     public required int Layer { get; init; }
 
@@ -13,11 +21,9 @@ public sealed class RouterStep
     /// after jitter in training).</summary>
     public required Tensor Input { get; init; }
 
-    /// <summary>Router logits <c>[B, T, E]</c> (fp32, or fp64 for an fp64 model).</summary>
-    public required Tensor Logits { get; init; }
-
-    /// <summary><c>softmax(Logits)</c> over the experts.</summary>
-    public required Tensor Probabilities { get; init; }
+    /// <summary>The router: maps router inputs <c>[N, hidden]</c> (rows of <see cref="Input"/>) to logits <c>[N, E]</c>
+    /// (fp32, or fp64 for an fp64 model).</summary>
+    public required Func<Tensor, Tensor> Router { get; init; }
 
     /// <summary>The configured strategy (top-k, top-p, switch): turn any probabilities into a decision.</summary>
     public required IRoutingStrategy Strategy { get; init; }
@@ -25,16 +31,34 @@ public sealed class RouterStep
     /// <summary>The forward context: token mask, cache position, and <see cref="ForwardContext.Routing"/>
     /// (privilege labels, policy state).</summary>
     public required ForwardContext Context { get; init; }
+
+    /// <summary>Router logits of every token <c>[B, T, E]</c>, computed from every token's <see cref="Input"/> on first
+    /// read.</summary>
+    public Tensor Logits
+    {
+        get
+        {
+            if (_logits is null)
+            {
+                long b = Input.shape[0], t = Input.shape[1];
+                _logits = Router(Input.reshape(b * t, Input.shape[2])).view(b, t, -1);
+            }
+            return _logits;
+        }
+    }
+
+    /// <summary><c>softmax(Logits)</c> over the experts (computed on first read).</summary>
+    public Tensor Probabilities => _probabilities ??= nn.functional.softmax(Logits, -1);
 }
 
 /// <summary>
 /// Decides the experts and weights of every token of a step. The free policy applies the strategy to each token's own
-/// probabilities; other policies (e.g. routing frozen from the first untrusted token) replace decisions from
-/// <see cref="RoutingContext"/> state. Policies see every layer through <see cref="RouterStep.Layer"/>.
+/// probabilities; <see cref="PrivilegedRouterPolicy"/> freezes routing from the first untrusted token on, keeping its
+/// snapshot in <see cref="RoutingContext.PolicyState"/>. Policies see every layer through <see cref="RouterStep.Layer"/>.
 /// </summary>
 public interface IRouterPolicy
 {
-    /// <summary>A short name for configs and traces (<c>free</c>, ...).</summary>
+    /// <summary>A short name for configs and traces (<c>free</c>, <c>privileged</c>, ...).</summary>
     string Name { get; }
 
     RoutingDecision Route(RouterStep step);

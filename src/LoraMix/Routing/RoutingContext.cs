@@ -1,3 +1,4 @@
+using LoraMix.Tokenization;
 using static TorchSharp.torch;
 
 namespace LoraMix.Routing;
@@ -6,17 +7,64 @@ namespace LoraMix.Routing;
 /// The one routing context that travels with a forward call (through <see cref="Modeling.ForwardContext.Routing"/>):
 /// the router policy, per-token privilege labels, a collector of router logits for the auxiliary losses, and a routing
 /// trace. Keep one context per sequence (or batch) for the life of its KV cache: a policy's state (e.g. a routing
-/// snapshot for frozen routing) lives in <see cref="PolicyState"/> across decoding steps.
+/// snapshot for frozen routing) lives in <see cref="PolicyState"/> across decoding steps. A forward call that starts a
+/// sequence (no cache, or an empty one) resets that state, so one context can serve many training batches.
 /// </summary>
 /// <remarks>Not thread-safe; like the model, use it from the model thread.</remarks>
 public sealed class RoutingContext : IDisposable
 {
-    /// <summary>The router policy (default: <see cref="FreeRouterPolicy"/>).</summary>
-    public IRouterPolicy Policy { get; init; } = FreeRouterPolicy.Instance;
+    private Tensor? _ownedLabels;
 
-    /// <summary>Per-token privilege labels <c>[B, T]</c> of the next forward step (meaning defined by the policy), or
-    /// null. Set before each step.</summary>
-    public Tensor? PrivilegeLabels { get; set; }
+    /// <summary>The router policy, or null (default) for the active adapter's configured <c>router_policy</c>.</summary>
+    public IRouterPolicy? Policy { get; init; }
+
+    /// <summary>
+    /// Per-token privilege labels <c>[B, T]</c> of the next forward step, integer values of <see cref="Privilege"/>
+    /// (<c>Untrusted</c> = 0), aligned with the (left-padded) input ids; padding labels are ignored. Required by the
+    /// privileged policy for every step, decoding steps included. Set before each step (see <see cref="SetPrivileges(IReadOnlyList{IReadOnlyList{Privilege}}, long?)"/>).
+    /// </summary>
+    public Tensor? PrivilegeLabels
+    {
+        get => _labels;
+        set
+        {
+            if (!ReferenceEquals(value, _ownedLabels)) { _ownedLabels?.Dispose(); _ownedLabels = null; }
+            _labels = value;
+        }
+    }
+    private Tensor? _labels;
+
+    /// <summary>Sets <see cref="PrivilegeLabels"/> from one label array per row, left-padded to <paramref name="length"/>
+    /// (default: the longest row) as the input ids are. The context owns the tensor.</summary>
+    public void SetPrivileges(IReadOnlyList<IReadOnlyList<Privilege>> rows, long? length = null)
+    {
+        ArgumentNullException.ThrowIfNull(rows);
+        if (rows.Count == 0) throw new ArgumentException("no rows", nameof(rows));
+        long t = length ?? rows.Max(r => r.Count);
+        var values = new byte[rows.Count * t];
+        for (int b = 0; b < rows.Count; b++)
+        {
+            var row = rows[b];
+            if (row.Count > t) throw new ArgumentException($"row {b} has {row.Count} labels, more than the length {t}", nameof(rows));
+            long pad = t - row.Count;
+            for (int i = 0; i < row.Count; i++) values[b * t + pad + i] = (byte)row[i];
+            for (long i = 0; i < pad; i++) values[b * t + i] = (byte)Privilege.System;   // padding: ignored
+        }
+        Own(tensor(values, [rows.Count, t], dtype: ScalarType.Byte));
+    }
+
+    /// <summary>Sets <see cref="PrivilegeLabels"/> to one label for every token of a <c>[batch, length]</c> step (e.g.
+    /// <see cref="Privilege.Assistant"/> for generated tokens). The context owns the tensor.</summary>
+    public void SetPrivileges(Privilege privilege, long batch, long length = 1) =>
+        Own(full([batch, length], (byte)privilege, dtype: ScalarType.Byte));
+
+    private void Own(Tensor labels)
+    {
+        labels = labels.DetachFromDisposeScope();
+        PrivilegeLabels = null;
+        _ownedLabels = labels;
+        _labels = labels;
+    }
 
     /// <summary>Collects every layer's router logits and decisions of the latest forward call (for losses and
     /// statistics), or null.</summary>
@@ -36,9 +84,11 @@ public sealed class RoutingContext : IDisposable
     public long Length { get; private set; }
     public Tensor? TokenMask { get; private set; }
 
-    /// <summary>Called by the model at the start of every forward call.</summary>
-    public void BeginForward(long batch, long length, Tensor? tokenMask)
+    /// <summary>Called by the model at the start of every forward call. <paramref name="continuation"/> is true when the
+    /// call continues a sequence held in a KV cache; otherwise the policy state is reset (a new sequence).</summary>
+    public void BeginForward(long batch, long length, Tensor? tokenMask, bool continuation = false)
     {
+        if (!continuation) ResetPolicyState();
         Batch = batch;
         Length = length;
         TokenMask = tokenMask;
@@ -47,14 +97,33 @@ public sealed class RoutingContext : IDisposable
         Trace?.BeginStep(batch, length, tokenMask);
     }
 
-    /// <summary>Called by a mixture-of-experts block after routing.</summary>
+    /// <summary>Called by a mixture-of-experts block after routing. The collector counts the real tokens the router
+    /// routed itself (<paramref name="tokenMask"/> and <see cref="RoutingDecision.Routed"/>).</summary>
     public void Record(int layer, Tensor logits, RoutingDecision decision, Tensor? tokenMask)
     {
-        Collector?.Add(layer, logits, decision, tokenMask);
+        if (Collector is not null)
+        {
+            using var scope = NewDisposeScope();
+            Tensor? counted = decision.Routed is null ? tokenMask
+                : tokenMask is null ? decision.Routed : tokenMask.to(ScalarType.Bool).logical_and(decision.Routed);
+            Collector.Add(layer, logits, decision, counted);
+        }
         Trace?.Add(layer, decision);
     }
 
-    public void Dispose() => Collector?.Dispose();
+    /// <summary>Disposes and forgets <see cref="PolicyState"/> (a new sequence starts).</summary>
+    public void ResetPolicyState()
+    {
+        (PolicyState as IDisposable)?.Dispose();
+        PolicyState = null;
+    }
+
+    public void Dispose()
+    {
+        Collector?.Dispose();
+        ResetPolicyState();
+        PrivilegeLabels = null;
+    }
 }
 
 /// <summary>One layer's router output for one forward call.</summary>
@@ -63,7 +132,8 @@ public sealed class RoutingContext : IDisposable
 /// <param name="Experts">Chosen experts <c>[B, T, K]</c> (detached).</param>
 /// <param name="Weights">Their weights <c>[B, T, K]</c> (detached).</param>
 /// <param name="Active">Active slots <c>[B, T, K]</c>, or null when all are.</param>
-/// <param name="TokenMask">Real tokens <c>[B, T]</c>, or null when nothing is padded.</param>
+/// <param name="TokenMask">The tokens to count <c>[B, T]</c> in losses and statistics: real tokens routed by the router on
+/// their own hidden state (padding, and frozen tokens under the privileged policy, excluded), or null for every token.</param>
 public sealed record RouterRecord(int Layer, Tensor Logits, Tensor Experts, Tensor Weights, Tensor? Active, Tensor? TokenMask);
 
 /// <summary>

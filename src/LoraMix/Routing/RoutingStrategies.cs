@@ -24,6 +24,20 @@ public sealed class RoutingDecision
     /// over capacity through as <c>p_max · x</c> (Switch Transformers / MoE-PEFT semantics).
     /// </summary>
     public Tensor? Passthrough { get; init; }
+
+    /// <summary>
+    /// Tokens whose decision is the router's own output on their own hidden state, bool <c>[B, T]</c>; null = every
+    /// token. A policy that freezes routing (<see cref="PrivilegedRouterPolicy"/>) sets it false on frozen tokens (and
+    /// padding): the auxiliary losses and routing statistics count only these tokens.
+    /// </summary>
+    public Tensor? Routed { get; init; }
+
+    /// <summary>
+    /// The logits to record for this step <c>[B, T, E]</c> (collector, losses), or null for the router's logits of every
+    /// token (<see cref="RouterStep.Logits"/>). A policy that does not run the router on some tokens gives here the
+    /// effective logits it routed them with (softmax of them = the distribution the strategy was applied to).
+    /// </summary>
+    public Tensor? Logits { get; init; }
 }
 
 /// <summary>
@@ -39,7 +53,10 @@ public interface IRoutingStrategy
     int Slots { get; }
 
     /// <summary>Selects experts and weights from softmax probabilities <c>[B, T, E]</c>.</summary>
-    RoutingDecision Select(Tensor probabilities);
+    /// <param name="probabilities">Probabilities <c>[B, T, E]</c>.</param>
+    /// <param name="capacityMask">Bool <c>[B, T]</c>: the tokens that count against an expert's capacity (switch), or
+    /// null for every token. Tokens outside it are never dropped. Top-k and top-p ignore it.</param>
+    RoutingDecision Select(Tensor probabilities, Tensor? capacityMask = null);
 }
 
 /// <summary>Mixtral / MixLoRA top-k: the k most probable experts, weights renormalised to sum to one.</summary>
@@ -58,7 +75,7 @@ public sealed class TopKRouting : IRoutingStrategy
     public int TopK { get; }
     public int Slots => TopK;
 
-    public RoutingDecision Select(Tensor probabilities)
+    public RoutingDecision Select(Tensor probabilities, Tensor? capacityMask = null)
     {
         var (w, idx) = probabilities.topk(TopK, dim: -1);
         return new RoutingDecision { Experts = idx, Weights = w / w.sum(-1, keepdim: true) };
@@ -87,7 +104,7 @@ public sealed class TopPRouting : IRoutingStrategy
     public double Temperature { get; }
     public int Slots => NumExperts;
 
-    public RoutingDecision Select(Tensor probabilities)
+    public RoutingDecision Select(Tensor probabilities, Tensor? capacityMask = null)
     {
         var q = Temperature > 0 ? probabilities / Temperature : probabilities;
         var (sorted, idx) = q.sort(-1, descending: true);
@@ -118,10 +135,11 @@ public sealed class SwitchRouting : IRoutingStrategy
     public int ExpertCapacity { get; }
     public int Slots => 1;
 
-    public RoutingDecision Select(Tensor probabilities)
+    public RoutingDecision Select(Tensor probabilities, Tensor? capacityMask = null)
     {
         var (w, idx) = probabilities.max(-1, keepdim: true);                         // [B, T, 1]
         var oneHot = nn.functional.one_hot(idx.squeeze(-1), NumExperts);             // [B, T, E]
+        if (capacityMask is not null) oneHot = oneHot * capacityMask.unsqueeze(-1).to(oneHot.dtype);   // uncounted: rank 0
         var rank = (oneHot.cumsum(1) * oneHot).sum(-1, keepdim: true);               // position in its expert's queue
         var active = rank.le(ExpertCapacity);
         var passthrough = w.squeeze(-1) * active.logical_not().squeeze(-1).to(w.dtype);

@@ -36,7 +36,7 @@ internal static class MixLoraTestKit
     }
 
     /// <summary>A forward context for calling a feed-forward block directly (it reads no rotary table).</summary>
-    public static ForwardContext Context(Routing.RoutingContext? routing = null, Tensor? tokenMask = null) => new()
+    public static ForwardContext Context(LoraMix.Routing.RoutingContext? routing = null, Tensor? tokenMask = null) => new()
     {
         Cos = empty(0), Sin = empty(0), Routing = routing, TokenMask = tokenMask,
     };

@@ -34,6 +34,17 @@ public sealed record MixLoraConfig
     public const string TopPStrategy = "mixlora-dynamic";
     public const string SwitchStrategy = "mixlora-switch";
 
+    public const string FreePolicy = "free";
+    public const string PrivilegedPolicy = "privileged";
+    public const string LastSnapshot = "last";
+    public const string PooledSnapshot = "pooled";
+
+    /// <summary>LoraMix's router policies (<c>router_policy</c>).</summary>
+    public static readonly IReadOnlyList<string> RouterPolicies = [FreePolicy, PrivilegedPolicy];
+
+    /// <summary>Snapshots of the privileged policy (<c>privileged_snapshot</c>).</summary>
+    public static readonly IReadOnlyList<string> PrivilegedSnapshots = [LastSnapshot, PooledSnapshot];
+
     /// <summary>The routing strategies MoE-PEFT's MixLoRA offers.</summary>
     public static readonly IReadOnlyList<string> RoutingStrategies = [TopKStrategy, TopPStrategy, SwitchStrategy];
 
@@ -86,6 +97,14 @@ public sealed record MixLoraConfig
     /// <summary>Parsed and written for switch, unused (as in MoE-PEFT).</summary>
     public int? SparseStep { get; init; }
 
+    // --- LoraMix's hardened routing (written to adapter_config.json only when not the default) ---
+    /// <summary><c>router_policy</c>: <c>free</c> (MixLoRA as published) or <c>privileged</c> (routing frozen from the
+    /// first untrusted token, see <see cref="PrivilegedRouterPolicy"/>).</summary>
+    public string RouterPolicy { get; init; } = FreePolicy;
+    /// <summary><c>privileged_snapshot</c> (privileged policy only): <c>last</c> (the last privileged token's decision) or
+    /// <c>pooled</c> (the strategy on the mean distribution of the privileged tokens).</summary>
+    public string PrivilegedSnapshot { get; init; } = LastSnapshot;
+
     public string? BaseModelNameOrPath { get; init; }
     public string TaskType { get; init; } = "CAUSAL_LM";
 
@@ -112,6 +131,11 @@ public sealed record MixLoraConfig
         TopPStrategy => new TopPRouting(NumExperts, TopP, Temperature),
         _ => new SwitchRouting(NumExperts, ExpertCapacity),
     };
+
+    /// <summary>The router policy object for <see cref="RouterPolicy"/> and <see cref="PrivilegedSnapshot"/>.</summary>
+    public IRouterPolicy CreatePolicy() => RouterPolicy == PrivilegedPolicy
+        ? PrivilegedSnapshot == PooledSnapshot ? PrivilegedRouterPolicy.Pooled : PrivilegedRouterPolicy.Last
+        : FreeRouterPolicy.Instance;
 
     /// <summary>The plain-LoRA config of the attention projections, or null when none is targeted.</summary>
     public LoraConfig? AttentionLoraConfig() => AttentionTargets.Count == 0 ? null : new LoraConfig
@@ -162,6 +186,12 @@ public sealed record MixLoraConfig
         if (ExpertCapacity < 1) Fail("expert_capacity", $"must be a positive integer, got {ExpertCapacity}");
         if (!Prob(FfnDropout)) Fail("ffn_dropout", $"must be in [0, 1), got {FfnDropout}");
         if (SparseStep is { } s && s < 1) Fail("sparse_step", $"must be null or a positive integer, got {s}");
+        if (!RouterPolicies.Contains(RouterPolicy))
+            Fail("router_policy", $"'{RouterPolicy}' is not supported; use one of {string.Join(", ", RouterPolicies)}");
+        if (!PrivilegedSnapshots.Contains(PrivilegedSnapshot))
+            Fail("privileged_snapshot", $"'{PrivilegedSnapshot}' is not supported; use one of {string.Join(", ", PrivilegedSnapshots)}");
+        if (RouterPolicy != PrivilegedPolicy && PrivilegedSnapshot != LastSnapshot)
+            Fail("privileged_snapshot", $"applies to router_policy \"{PrivilegedPolicy}\" only, but router_policy is \"{RouterPolicy}\"");
         if (string.IsNullOrEmpty(TaskType)) Fail("task_type", "must not be empty");
     }
 
@@ -170,7 +200,8 @@ public sealed record MixLoraConfig
     /// <summary>
     /// <c>adapter_config.json</c> exactly as MoE-PEFT writes it (<c>MixLoraConfig.export()</c> plus
     /// <c>base_model_name_or_path</c> and <c>task_type</c>, <c>json.dump(indent=4)</c>): only the keys MoE-PEFT exports,
-    /// in its order, floats written as Python does (<c>0.0</c>, <c>1e-05</c>).
+    /// in its order, floats written as Python does (<c>0.0</c>, <c>1e-05</c>). LoraMix's own keys (<c>router_policy</c>,
+    /// <c>privileged_snapshot</c>) follow the routing keys only when they differ from the default (MoE-PEFT ignores them).
     /// </summary>
     public string ToJson()
     {
@@ -207,6 +238,8 @@ public sealed record MixLoraConfig
                     else w.WriteNull("sparse_step");
                     break;
             }
+            if (RouterPolicy != FreePolicy) w.WriteString("router_policy", RouterPolicy);
+            if (PrivilegedSnapshot != LastSnapshot) w.WriteString("privileged_snapshot", PrivilegedSnapshot);
             if (BaseModelNameOrPath is null) w.WriteNull("base_model_name_or_path");
             else w.WriteString("base_model_name_or_path", BaseModelNameOrPath);
             w.WriteString("task_type", TaskType);
@@ -305,6 +338,7 @@ public sealed record MixLoraConfig
         OnlyFor("expert_capacity", SwitchStrategy);
         OnlyFor("ffn_dropout", SwitchStrategy);
         if (obj["sparse_step"] is not null) OnlyFor("sparse_step", SwitchStrategy);
+        string policy = Str(obj, "router_policy", source) ?? FreePolicy;
 
         ExpertLoraConfig? expert = null;
         if (obj["expert_lora"] is JsonNode en)
@@ -346,6 +380,8 @@ public sealed record MixLoraConfig
             ExpertCapacity = Int(obj, "expert_capacity", source) ?? 32,
             FfnDropout = Num(obj, "ffn_dropout", source) ?? 0.0,
             SparseStep = Int(obj, "sparse_step", source),
+            RouterPolicy = policy,
+            PrivilegedSnapshot = Str(obj, "privileged_snapshot", source) ?? LastSnapshot,
             BaseModelNameOrPath = Str(obj, "base_model_name_or_path", source),
             TaskType = Str(obj, "task_type", source) ?? "CAUSAL_LM",
         };

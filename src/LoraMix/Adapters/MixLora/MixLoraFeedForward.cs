@@ -45,6 +45,7 @@ public sealed class MixLoraMixture : nn.Module
     {
         Config = config;
         Strategy = config.CreateStrategy();
+        Policy = config.CreatePolicy();
         Activation = MixLoraFeedForward.ActivationFunction(config.EffectiveActFn);
         _router = new LinearLayer(c.HiddenSize, config.NumExperts, false, device, adapterDType);
         using (no_grad())
@@ -65,6 +66,9 @@ public sealed class MixLoraMixture : nn.Module
 
     public MixLoraConfig Config { get; }
     public IRoutingStrategy Strategy { get; }
+
+    /// <summary>The configured <c>router_policy</c> (used when the forward's <see cref="RoutingContext.Policy"/> is null).</summary>
+    public IRouterPolicy Policy { get; }
     internal Func<Tensor, Tensor> Activation { get; }
 
     /// <summary>The router weight <c>[E, hidden]</c> (MoE-PEFT's <c>moe_gate.weight</c>), fp32.</summary>
@@ -87,9 +91,9 @@ public sealed class MixLoraMixture : nn.Module
 
 /// <summary>
 /// The MixLoRA feed-forward block: the frozen SwiGLU MLP of a layer shared by a router and LoRA experts
-/// (research/mixlora.md §3). For the active adapter, per token: router logits in fp32 from this block's input (the
-/// post-attention-norm hidden state), softmax, strategy selection (top-k renormalised, top-p, or switch) through the
-/// routing context's policy; then sparse dispatch — the base <c>gate</c> and <c>up</c> projections run once for all
+/// (research/mixlora.md §3). For the active adapter, per token: the router policy (the routing context's, else the
+/// adapter's <c>router_policy</c>) runs the fp32 router on the block input (the post-attention-norm hidden state) of the
+/// tokens it routes, softmax, strategy selection (top-k renormalised, top-p, or switch); then sparse dispatch — the base <c>gate</c> and <c>up</c> projections run once for all
 /// tokens, each expert runs only on its routed tokens (<c>index_select</c>), and the results are summed with the routing
 /// weights in fp32 (<c>index_add_</c>). Jitter and the experts' LoRA dropout act in training mode only. With no active
 /// adapter it is the dense MLP. State-dict keys of the base MLP are unchanged (<c>mlp.gate_proj.weight</c>, ...);
@@ -193,16 +197,16 @@ public sealed class MixLoraFeedForward : FeedForwardBlock
             xs = xs * empty_like(xs).uniform_(1 - jitter, 1 + jitter);   // MoE-PEFT: the experts see the jittered input too
 
         var routerInput = xs.to(routerDType);
-        var logits = nn.functional.linear(routerInput, mixture.RouterWeight).view(b, t, -1);
-        var probabilities = nn.functional.softmax(logits, -1);
         var routing = ctx.Routing;
-        var policy = routing?.Policy ?? FreeRouterPolicy.Instance;
-        var decision = policy.Route(new RouterStep
+        var policy = routing?.Policy ?? mixture.Policy;
+        var routerWeight = mixture.RouterWeight;
+        var step = new RouterStep
         {
-            Layer = Layer, Input = routerInput.view(b, t, h), Logits = logits, Probabilities = probabilities,
+            Layer = Layer, Input = routerInput.view(b, t, h), Router = input => nn.functional.linear(input, routerWeight),
             Strategy = mixture.Strategy, Context = ctx,
-        });
-        routing?.Record(Layer, logits, decision, ctx.TokenMask);
+        };
+        var decision = policy.Route(step);
+        routing?.Record(Layer, decision.Logits ?? step.Logits, decision, ctx.TokenMask);
 
         var y = SparseDispatch(mixture, xs, decision, routerDType);
         if (decision.Passthrough is { } pass) y = y + pass.reshape(b * t, 1).to(routerDType) * xs.to(routerDType);

@@ -1,0 +1,296 @@
+using LoraMix.Tokenization;
+using static TorchSharp.torch;
+
+namespace LoraMix.Routing;
+
+/// <summary>Where the frozen routing decision of <see cref="PrivilegedRouterPolicy"/> comes from.</summary>
+public enum PrivilegedSnapshot
+{
+    /// <summary>The routing distribution of the last privileged token before the first untrusted one (its decision).</summary>
+    Last,
+
+    /// <summary>The mean routing distribution over all privileged tokens before the first untrusted one, then the
+    /// strategy (top-k, top-p, switch) on that mean.</summary>
+    Pooled,
+}
+
+/// <summary>
+/// Hardened routing: only privileged instructions steer the router. Per row and per layer, every real token from the
+/// row's first untrusted token (<see cref="Privilege.Untrusted"/>) to the end of the sequence — later user turns and
+/// generated tokens included — gets a frozen decision: the configured strategy applied to a snapshot distribution taken
+/// from the privileged tokens before that first untrusted token (<see cref="PrivilegedSnapshot"/>). Tokens before it are
+/// routed freely on their own hidden state.
+/// </summary>
+/// <remarks>
+/// <para>The router never reads a frozen token's hidden state: its logits are computed for the routed (privileged-prefix)
+/// rows only (<c>index_select</c>, then <see cref="RouterStep.Router"/>). A frozen token's hidden state is contaminated
+/// by the untrusted content through attention, so routing on it — even for a later privileged turn — would let that
+/// content choose experts. The experts still process every token; only the choice is frozen.</para>
+/// <para>Frozen tokens are routed as if each were alone: under switch routing they never count against an expert's
+/// capacity and are never dropped (otherwise the untrusted length would decide which frozen tokens are dropped); routed
+/// tokens count only routed tokens (not padding) against the capacity.</para>
+/// <para>The snapshot lives in <see cref="RoutingContext.PolicyState"/> (a <see cref="PrivilegedRoutingState"/>) with
+/// the KV cache: it is updated by every routed token and fixed once the row freezes. A row with no privileged token
+/// before its first untrusted token is frozen on the uniform distribution. A sequence with no untrusted token is routed
+/// exactly as by <see cref="FreeRouterPolicy"/> (switch: padding does not count against the capacity here).</para>
+/// <para>The decision records <see cref="RoutingDecision.Routed"/> (false on frozen tokens and padding) and effective
+/// logits (<c>log</c> of the snapshot on frozen tokens): the auxiliary losses and routing statistics count routed tokens
+/// only. In training (no cache) the frozen tokens' weights stay attached to the snapshot's graph, so the language-model
+/// loss on frozen tokens trains the router through the privileged tokens that produced the snapshot.</para>
+/// </remarks>
+public sealed class PrivilegedRouterPolicy : IRouterPolicy
+{
+    public static readonly PrivilegedRouterPolicy Last = new(PrivilegedSnapshot.Last);
+    public static readonly PrivilegedRouterPolicy Pooled = new(PrivilegedSnapshot.Pooled);
+
+    public PrivilegedRouterPolicy(PrivilegedSnapshot snapshot = PrivilegedSnapshot.Last) => Snapshot = snapshot;
+
+    public PrivilegedSnapshot Snapshot { get; }
+
+    public string Name => "privileged";
+
+    public RoutingDecision Route(RouterStep step)
+    {
+        var routing = step.Context.Routing
+            ?? throw new InvalidOperationException("router_policy \"privileged\" needs a RoutingContext with privilege labels (LlamaForCausalLM.Forward(..., routing:))");
+        var input = step.Input;
+        long b = input.shape[0], t = input.shape[1], h = input.shape[2];
+        int e = step.Strategy.NumExperts;
+        var state = PrivilegedRoutingState.For(routing, b);
+        var frame = state.Frame(routing, step.Context.TokenMask, b, t, input.device);
+        var dtype = input.dtype;
+
+        // The router runs on the routed rows only: a frozen (or padding) token's hidden state is never read.
+        var uniform = full([b * t, e], 1.0 / e, dtype: dtype, device: input.device);
+        Tensor ownProbabilities = uniform, ownLogits = zeros([b * t, e], dtype: dtype, device: input.device);
+        if (frame.RoutedCount > 0)
+        {
+            var selected = input.reshape(b * t, h).index_select(0, frame.RoutedIndex);
+            var logits = step.Router(selected);
+            ownLogits = ownLogits.index_copy(0, frame.RoutedIndex, logits);
+            ownProbabilities = uniform.index_copy(0, frame.RoutedIndex, nn.functional.softmax(logits, -1));
+        }
+        var probabilities = ownProbabilities.view(b, t, e);
+        var routedMask = frame.Routed;                                       // [B, T] bool
+
+        // This layer's snapshot after the routed tokens of this step (they all precede the row's frozen tokens).
+        var layer = state.Layer(step.Layer, b, e, dtype, input.device);
+        var last = frame.RoutedCount == 0 ? layer.Last
+            : where(frame.HasNewRouted.unsqueeze(1), ownProbabilities.index_select(0, frame.LastRoutedIndex), layer.Last);
+        var sum = frame.RoutedCount == 0 ? layer.Sum : layer.Sum + (probabilities * routedMask.unsqueeze(-1).to(dtype)).sum(1);
+        var snapshot = Snapshot == PrivilegedSnapshot.Last ? last
+            : where(frame.PooledCount.unsqueeze(1) > 0, sum / frame.PooledCount.clamp_min(1).unsqueeze(1).to(dtype), uniform.narrow(0, 0, b));
+        layer.Store(frame.RoutedCount > 0 ? (last, sum) : null, routing.Steps);   // no routed token: unchanged
+
+        var own = step.Strategy.Select(probabilities, routedMask);
+        if (!frame.AnyFrozen)
+            return new RoutingDecision
+            {
+                Experts = own.Experts, Weights = own.Weights, Active = own.Active, Passthrough = own.Passthrough,
+                Routed = routedMask, Logits = ownLogits.view(b, t, e),
+            };
+
+        var frozen = step.Strategy.Select(snapshot.unsqueeze(1));           // each frozen token as if alone: [B, 1, K]
+        var m = routedMask.unsqueeze(-1);
+        long k = own.Experts.shape[^1];
+        Tensor Expand(Tensor x) => x.expand(b, t, k);
+        Tensor? active = own.Active is null && frozen.Active is null ? null
+            : where(m, own.Active ?? ones([b, t, k], dtype: ScalarType.Bool, device: input.device),
+                Expand(frozen.Active ?? ones([b, 1, k], dtype: ScalarType.Bool, device: input.device)));
+        Tensor? passthrough = own.Passthrough is null && frozen.Passthrough is null ? null
+            : where(routedMask, own.Passthrough ?? zeros([b, t], dtype: dtype, device: input.device),
+                (frozen.Passthrough ?? zeros([b, 1], dtype: dtype, device: input.device)).expand(b, t));
+        var effectiveLogits = where(m, ownLogits.view(b, t, e), snapshot.clamp_min(1e-30).log().unsqueeze(1).expand(b, t, e));
+        return new RoutingDecision
+        {
+            Experts = where(m, own.Experts, Expand(frozen.Experts)),
+            Weights = where(m, own.Weights, Expand(frozen.Weights)),
+            Active = active,
+            Passthrough = passthrough,
+            Routed = routedMask,
+            Logits = effectiveLogits,
+        };
+    }
+}
+
+/// <summary>
+/// The privileged policy's state for one batch of sequences, kept in <see cref="RoutingContext.PolicyState"/> for the
+/// life of the KV cache: which rows have frozen (and where), how many privileged tokens each row has routed, and per
+/// layer the snapshot (last routed distribution and the sum of routed distributions).
+/// </summary>
+public sealed class PrivilegedRoutingState : IDisposable
+{
+    private readonly bool[] _frozen;
+    private readonly long[] _seen;             // real tokens per row so far
+    private readonly long[] _routed;           // routed (privileged-prefix) tokens per row so far
+    private readonly long[] _firstUntrusted;   // position among real tokens, or -1
+    private readonly Dictionary<int, LayerSnapshot> _layers = [];
+    private StepFrame? _frame;
+
+    private PrivilegedRoutingState(long batch)
+    {
+        Batch = batch;
+        _frozen = new bool[batch];
+        _seen = new long[batch];
+        _routed = new long[batch];
+        _firstUntrusted = new long[batch];
+        Array.Fill(_firstUntrusted, -1L);
+    }
+
+    /// <summary>Batch size the state was created for.</summary>
+    public long Batch { get; }
+
+    /// <summary>Whether row <paramref name="row"/> has seen an untrusted token (its routing is frozen from there on).</summary>
+    public bool IsFrozen(int row) => _frozen[row];
+
+    /// <summary>The position (among the row's real tokens, over all steps) of the row's first untrusted token, or -1.</summary>
+    public long FirstUntrustedPosition(int row) => _firstUntrusted[row];
+
+    /// <summary>Number of privileged tokens the router has routed in row <paramref name="row"/> (the snapshot's support).</summary>
+    public long RoutedTokens(int row) => _routed[row];
+
+    internal static PrivilegedRoutingState For(RoutingContext routing, long batch)
+    {
+        switch (routing.PolicyState)
+        {
+            case PrivilegedRoutingState s when s.Batch == batch:
+                return s;
+            case PrivilegedRoutingState s:
+                throw new InvalidOperationException($"privileged routing: this sequence has batch size {s.Batch} but the step has {batch}");
+            case null:
+                var state = new PrivilegedRoutingState(batch);
+                routing.PolicyState = state;
+                return state;
+            default:
+                throw new InvalidOperationException($"the routing context holds another policy's state ({routing.PolicyState.GetType().Name}); use one context per policy");
+        }
+    }
+
+    internal sealed class StepFrame : IDisposable
+    {
+        public required int Step;
+        public required Tensor Routed;             // bool [B, T]
+        public required Tensor RoutedIndex;        // int64 [R] flat indices
+        public required long RoutedCount;
+        public required Tensor LastRoutedIndex;    // int64 [B] (0 where none)
+        public required Tensor HasNewRouted;       // bool [B]
+        public required Tensor PooledCount;        // int64 [B] routed tokens so far, this step included
+        public required bool AnyFrozen;
+
+        public void Dispose()
+        {
+            Routed.Dispose();
+            RoutedIndex.Dispose();
+            LastRoutedIndex.Dispose();
+            HasNewRouted.Dispose();
+            PooledCount.Dispose();
+        }
+    }
+
+    /// <summary>The routed/frozen split of the current forward call, computed once (by the first layer) from the labels
+    /// and the rows' state before the call.</summary>
+    internal StepFrame Frame(RoutingContext routing, Tensor? tokenMask, long b, long t, Device device)
+    {
+        if (_frame is not null && _frame.Step == routing.Steps) return _frame;
+        var labels = routing.PrivilegeLabels
+            ?? throw new InvalidOperationException("router_policy \"privileged\": set RoutingContext.PrivilegeLabels (or SetPrivileges) before every forward step, decoding steps included");
+        if (labels.dim() != 2 || labels.shape[0] != b || labels.shape[1] != t)
+            throw new ArgumentException($"privilege labels are [{string.Join(", ", labels.shape)}] but the step's input is [{b}, {t}]");
+        long[] label;
+        bool[] real;
+        using (NewDisposeScope())
+        {
+            label = labels.to(ScalarType.Int64).cpu().reshape(-1).data<long>().ToArray();
+            real = tokenMask is null ? Enumerable.Repeat(true, (int)(b * t)).ToArray()
+                : tokenMask.to(ScalarType.Bool).cpu().reshape(-1).data<bool>().ToArray();
+        }
+        var routed = new bool[b * t];
+        var routedIndex = new List<long>();
+        var lastRouted = new long[b];
+        var hasNew = new bool[b];
+        bool anyFrozen = false;
+        for (int row = 0; row < b; row++)
+        {
+            for (long i = 0; i < t; i++)
+            {
+                long n = row * t + i;
+                if (!real[n]) continue;
+                long l = label[n];
+                if (l < 0 || l > (long)Privilege.System) throw new ArgumentException($"privilege label {l} at row {row}, position {i} is not a Privilege value (0..3)");
+                if (!_frozen[row] && l == (long)Privilege.Untrusted)
+                {
+                    _frozen[row] = true;
+                    _firstUntrusted[row] = _seen[row];
+                }
+                _seen[row]++;
+                if (_frozen[row]) { anyFrozen = true; continue; }
+                routed[n] = true;
+                routedIndex.Add(n);
+                lastRouted[row] = n;
+                hasNew[row] = true;
+                _routed[row]++;
+            }
+        }
+        _frame?.Dispose();
+        _frame = new StepFrame
+        {
+            Step = routing.Steps,
+            Routed = tensor(routed, [b, t], device: device).DetachFromDisposeScope(),
+            RoutedIndex = tensor(routedIndex.ToArray(), device: device).DetachFromDisposeScope(),
+            RoutedCount = routedIndex.Count,
+            LastRoutedIndex = tensor(lastRouted, device: device).DetachFromDisposeScope(),
+            HasNewRouted = tensor(hasNew, device: device).DetachFromDisposeScope(),
+            PooledCount = tensor(_routed.ToArray(), device: device).DetachFromDisposeScope(),
+            AnyFrozen = anyFrozen,
+        };
+        return _frame;
+    }
+
+    internal sealed class LayerSnapshot : IDisposable
+    {
+        public required Tensor Last;   // [B, E] the latest routed distribution (uniform before any)
+        public required Tensor Sum;    // [B, E] sum of routed distributions
+        public int StoredStep = -1;
+
+        /// <summary>Keeps detached copies for later steps (once per step; a layer routes once per forward call).</summary>
+        public void Store((Tensor Last, Tensor Sum)? update, int step)
+        {
+            if (StoredStep == step) throw new InvalidOperationException("privileged routing: a layer routed twice in one forward call");
+            StoredStep = step;
+            if (update is not { } u) return;
+            var (last, sum) = u;
+            var newLast = last.detach().clone().DetachFromDisposeScope();
+            var newSum = sum.detach().clone().DetachFromDisposeScope();
+            Last.Dispose();
+            Sum.Dispose();
+            Last = newLast;
+            Sum = newSum;
+        }
+
+        public void Dispose()
+        {
+            Last.Dispose();
+            Sum.Dispose();
+        }
+    }
+
+    internal LayerSnapshot Layer(int layer, long b, int e, ScalarType dtype, Device device)
+    {
+        if (!_layers.TryGetValue(layer, out var s))
+            _layers[layer] = s = new LayerSnapshot
+            {
+                Last = full([b, e], 1.0 / e, dtype: dtype, device: device).DetachFromDisposeScope(),
+                Sum = zeros([b, e], dtype: dtype, device: device).DetachFromDisposeScope(),
+            };
+        if (s.Last.shape[1] != e) throw new InvalidOperationException($"privileged routing: layer {layer} had {s.Last.shape[1]} experts and now has {e}");
+        return s;
+    }
+
+    public void Dispose()
+    {
+        _frame?.Dispose();
+        _frame = null;
+        foreach (var s in _layers.Values) s.Dispose();
+        _layers.Clear();
+    }
+}
