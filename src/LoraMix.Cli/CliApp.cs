@@ -20,7 +20,7 @@ public static class CliApp
         root.Subcommands.Add(ModelCommands.Inspect());
         root.Subcommands.Add(ModelCommands.InitModel());
         root.Subcommands.Add(ModelCommands.ImportLlama2c());
-        root.Subcommands.Add(ModelCommands.Quickstart());
+        root.Subcommands.Add(QuickstartCommand.Create());
         root.Subcommands.Add(TrainCommands.Train());
         root.Subcommands.Add(TrainCommands.Pretrain());
         root.Subcommands.Add(TrainCommands.Eval());

@@ -113,33 +113,6 @@ internal static class ModelCommands
         return cmd;
     }
 
-    public static Command Quickstart()
-    {
-        var output = new Option<string>("--out", "-o") { Description = "Where to write the tiny model.", DefaultValueFactory = _ => Path.Combine("out", "tiny") };
-        var cmd = new Command("quickstart", "Create the `tiny` random model (if absent) and generate from it.") { output };
-        cmd.SetAction(p =>
-        {
-            var o = p.InvocationConfiguration.Output;
-            string dir = p.GetValue(output)!;
-            var sw = System.Diagnostics.Stopwatch.StartNew();
-            TorchRuntime.EnsureLoaded();
-            if (!File.Exists(Path.Combine(dir, "config.json")))
-            {
-                using var fresh = ModelPresets.CreateRandom("tiny", seed: 0);
-                fresh.SavePretrained(dir);
-                o.WriteLine($"created the tiny random model ({fresh.Config.ParameterCount():N0} parameters) in {Path.GetFullPath(dir)}");
-            }
-            using var model = LlamaForCausalLM.FromPretrained(dir);
-            var options = new GenerationOptions { MaxNewTokens = 32, Temperature = 0, StopAtEos = false };
-            var result = new TokenGenerator(model).Generate([1], options);
-            o.WriteLine($"greedy continuation of [1] (random weights, so the ids are arbitrary but reproducible):");
-            o.WriteLine(string.Join(' ', result.Tokens));
-            o.WriteLine($"done in {sw.Elapsed.TotalSeconds:F1} s. Next: ./loramix inspect --model {dir}");
-            return 0;
-        });
-        return cmd;
-    }
-
     internal static int[] ParseIds(string text, string option)
     {
         var parts = text.Split([',', ' ', '\t'], StringSplitOptions.RemoveEmptyEntries);

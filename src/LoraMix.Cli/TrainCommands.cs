@@ -43,7 +43,7 @@ internal static class TrainCommands
         }
     }
 
-    private static ITrainingProgress Progress(TextWriter output) =>
+    internal static ITrainingProgress Progress(TextWriter output) =>
         ReferenceEquals(output, Console.Out) ? TrainingProgress.ForConsole() : new PlainProgress(output);
 
     public static Command Train()

@@ -186,7 +186,8 @@ internal static class TrainingRecipeRunner
             parameters = engine.Model.parameters().Sum(p => p.numel());
             exact = ExactMatchEvaluator.Evaluate(engine, records, r.EvalMaxNewTokens, cancellationToken: cancellationToken);
         }
-        var report = new PretrainReport(result.ModelDir, parameters, r.Dataset.TaskWorld?.Families ?? [], r.ReportSamplesPerFamily,
+        var report = new PretrainReport(r.Trainer.OutputDir, parameters,   // as the recipe names it: a committed report holds no machine path
+            r.Dataset.TaskWorld?.Families ?? [], r.ReportSamplesPerFamily,
             exact.Accuracy, exact.AccuracyByFamily, result.Training.Steps.Count > 0 ? result.Training.Steps[^1].Loss : null,
             result.Training.Evaluations.Count > 0 ? result.Training.Evaluations[^1].Loss : null, result.Training.GlobalStep,
             result.Training.Seconds);

@@ -1,0 +1,181 @@
+using System.Text.Json.Nodes;
+using LoraMix.Cli;
+using LoraMix.Data;
+using LoraMix.Inference;
+using LoraMix.Modeling;
+using LoraMix.Tests.Training;
+
+namespace LoraMix.Tests.Cli;
+
+/// <summary>`loramix quickstart`: the summary's contract on a tiny random model, error paths, and the real run on the
+/// embedded model (the acceptance: near zero before, at least 80% after).</summary>
+public sealed class QuickstartTests : IDisposable
+{
+    private readonly TempDir _dir = new();
+
+    public QuickstartTests() => Directory.CreateDirectory(_dir.Path);
+
+    public void Dispose() => _dir.Dispose();
+
+    private static (int Code, string Out, string Err) Run(params string[] args)
+    {
+        var o = new StringWriter();
+        var e = new StringWriter();
+        int code = CliApp.Run(args, o, e);
+        return (code, o.ToString(), e.ToString());
+    }
+
+    /// <summary>Scores records independently of the evaluator: one greedy generation per record through the engine,
+    /// compared after trimming.</summary>
+    private static int CountCorrect(ChatEngine engine, IReadOnlyList<DatasetRecord> records)
+    {
+        int correct = 0;
+        foreach (var r in records)
+        {
+            var ids = engine.RenderForGeneration(r.PromptMessages).Ids;
+            var text = engine.Generate(ids, new GenerationOptions { MaxNewTokens = 64, Temperature = 0 }).Text;
+            if (text.Trim() == r.ExpectedAnswer!.Trim()) correct++;
+        }
+        return correct;
+    }
+
+    [Fact]
+    public void JsonPrintsOneSummaryObjectWhoseNumbersMatchAnIndependentScoring()
+    {
+        string model = RecipeFixtures.TinyByteModel(_dir.Sub("base"));
+        string outDir = _dir.Sub("qs");
+        var r = Run("quickstart", "--model", model, "--out", outDir, "--steps", "3", "--batch-size", "4", "--eval-examples", "6", "--json");
+        Assert.True(r.Code == 0, r.Err + r.Out);
+
+        // stdout is exactly one JSON object; progress went to stderr
+        var lines = r.Out.Split('\n', StringSplitOptions.RemoveEmptyEntries);
+        Assert.Single(lines);
+        var o = JsonNode.Parse(lines[0])!.AsObject();
+        Assert.Contains("training LoRA adapter", r.Err);
+        foreach (var k in new[] { "before_exact_match", "after_exact_match", "seconds", "adapter_dir", "metrics", "loss_plot", "example" })
+            Assert.True(o.ContainsKey(k), k);
+        Assert.Equal("uppercase", o["family"]!.GetValue<string>());
+        Assert.Equal(3, o["steps"]!.GetValue<int>());
+        Assert.Equal(6, o["eval_examples"]!.GetValue<int>());
+        Assert.True(o["seconds"]!.GetValue<double>() > 0);
+        Assert.Equal(Path.GetFullPath(outDir), o["adapter_dir"]!.GetValue<string>());
+
+        // the adapter is a PEFT LoRA, r = 16 on every linear layer; metrics and plot exist
+        var cfg = JsonNode.Parse(File.ReadAllText(Path.Combine(outDir, "adapter_config.json")))!.AsObject();
+        Assert.Equal("LORA", cfg["peft_type"]!.GetValue<string>());
+        Assert.Equal(16, cfg["r"]!.GetValue<int>());
+        Assert.Equal("all-linear", cfg["target_modules"]!.GetValue<string>());
+        Assert.True(File.Exists(o["metrics"]!.GetValue<string>()));
+        Assert.True(File.Exists(o["loss_plot"]!.GetValue<string>()));
+
+        // before and after are the fractions an independent scoring of the same test records gives
+        var records = new LoraMix.Training.QuickstartOptions { ModelDir = model, EvalExamples = 6 }.EvalSource.Records();
+        using (var baseEngine = ChatEngine.Load(model))
+            Assert.Equal(CountCorrect(baseEngine, records) / 6.0, o["before_exact_match"]!.GetValue<double>(), 4);
+        using (var tuned = ChatEngine.Load(model, new EngineOptions { Adapters = [outDir] }))
+        {
+            Assert.Equal(CountCorrect(tuned, records) / 6.0, o["after_exact_match"]!.GetValue<double>(), 4);
+            // the example's "after" is what the tuned engine generates for that example's prompt
+            var ex = o["example"]!.AsObject();
+            var rec = records.First(x => x.PromptMessages[^1].Content == ex["input"]!.GetValue<string>());
+            var gen = tuned.Generate(tuned.RenderForGeneration(rec.PromptMessages).Ids, new GenerationOptions { MaxNewTokens = 64, Temperature = 0 });
+            Assert.Equal(gen.Text, ex["after"]!.GetValue<string>());
+            Assert.Equal(rec.ExpectedAnswer, ex["expected"]!.GetValue<string>());
+        }
+    }
+
+    [Fact]
+    public void HumanOutputShowsBeforeAfterAnExampleAndWhereFilesAre()
+    {
+        string model = RecipeFixtures.TinyByteModel(_dir.Sub("base"));
+        var r = Run("quickstart", "--model", model, "--out", _dir.Sub("qs"), "--steps", "2", "--batch-size", "2", "--eval-examples", "2",
+                    "--family", "last_word");
+        Assert.True(r.Code == 0, r.Err + r.Out);
+        foreach (var s in new[] { "'last_word'", "base model", "with adapter", "example (never seen in training):", "expected", "adapter:",
+                                  "metrics:", "loss curve:", "next:", "step 2/2" })
+            Assert.Contains(s, r.Out);
+    }
+
+    [Fact]
+    public void BadInputFailsWithAnActionableMessage()
+    {
+        var missing = Run("quickstart", "--model", _dir.Sub("nope"), "--out", _dir.Sub("qs"));
+        Assert.Equal(CliApp.ExitError, missing.Code);
+        Assert.Contains("no config.json", missing.Err);
+        Assert.False(Directory.Exists(_dir.Sub("qs")));
+
+        var method = Run("quickstart", "--method", "bogus");
+        Assert.Equal(CliApp.ExitUsage, method.Code);
+        Assert.Contains("bogus", method.Err);
+
+        var family = Run("quickstart", "--family", "nope");
+        Assert.Equal(CliApp.ExitUsage, family.Code);
+    }
+
+    [Fact]
+    public void TheEmbeddedModelIsFoundFromTheBuildOutput()
+    {
+        string dir = EmbeddedModel.Locate();
+        Assert.True(File.Exists(Path.Combine(dir, "model.safetensors")));
+        var cfg = LlamaConfig.Load(Path.Combine(dir, "config.json"));
+        Assert.Equal(256, cfg.HiddenSize);
+    }
+
+    /// <summary>The acceptance run: the quickstart's defaults on the embedded model. Slow-ish (about a minute or two on
+    /// two cores) and meaningful: the base scores near zero on the held-out family and the adapter at least 80%.</summary>
+    [Fact]
+    public void OnTheEmbeddedModelTheAdapterLiftsTheHeldOutFamilyFromNearZeroToAtLeast80Percent()
+    {
+        var r = Run("quickstart", "--out", _dir.Sub("qs"), "--json");
+        Assert.True(r.Code == 0, r.Err + r.Out);
+        var o = JsonNode.Parse(r.Out)!.AsObject();
+        double before = o["before_exact_match"]!.GetValue<double>(), after = o["after_exact_match"]!.GetValue<double>();
+        Assert.True(before <= 0.1, $"before {before}");
+        Assert.True(after >= 0.8, $"after {after}\n{r.Err}");
+    }
+}
+
+/// <summary>The committed models/loramix-tiny: it is what examples/pretrain-tiny.yaml describes, and its recorded
+/// per-family exact match (pretrain_report.json) is what the committed weights score.</summary>
+public sealed class EmbeddedModelTests
+{
+    private static string RepoFile(string relative)
+    {
+        for (var d = new DirectoryInfo(AppContext.BaseDirectory); d is not null; d = d.Parent)
+            if (File.Exists(Path.Combine(d.FullName, relative))) return Path.Combine(d.FullName, relative);
+        throw new FileNotFoundException($"{relative} not found above {AppContext.BaseDirectory}");
+    }
+
+    [Fact]
+    public void TheModelIsTheRecipesArchitectureWithinTheSizeBudget()
+    {
+        string dir = EmbeddedModel.Locate();
+        var recipe = LoraMix.Training.TrainingRecipe.Load(RepoFile("examples/pretrain-tiny.yaml"));
+        var want = recipe.ModelInit!.Architecture;
+        var cfg = LlamaConfig.Load(Path.Combine(dir, "config.json"));
+        Assert.Equal((want.HiddenSize, want.IntermediateSize, want.NumHiddenLayers, want.NumAttentionHeads, want.NumKeyValueHeads, want.TieWordEmbeddings),
+                     (cfg.HiddenSize, cfg.IntermediateSize, cfg.NumHiddenLayers, cfg.NumAttentionHeads, cfg.NumKeyValueHeads, cfg.TieWordEmbeddings));
+        long bytes = new DirectoryInfo(dir).EnumerateFiles("*", SearchOption.AllDirectories).Sum(f => f.Length);
+        Assert.True(bytes <= 20L << 20, $"{bytes} bytes");
+        Assert.Empty(Directory.GetDirectories(dir));   // no checkpoints committed
+        using var engine = ChatEngine.Load(dir);
+        Assert.Equal(cfg.VocabSize, engine.Tokenizer.VocabSize);
+    }
+
+    [Fact]
+    public void TheRecordedExactMatchPerFamilyIsWhatTheWeightsScore()
+    {
+        string dir = EmbeddedModel.Locate();
+        var report = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "pretrain_report.json")))!.AsObject();
+        int perFamily = report["samples_per_family"]!.GetValue<int>();
+        var recorded = report["exact_match_by_family"]!.AsObject();
+        var records = new LoraMix.Training.TaskWorldSource(TaskWorld.Families, perFamily * TaskWorld.Families.Count, 20_24, TaskSplit.Test, null).Records();
+        using var engine = ChatEngine.Load(dir);
+        var exact = LoraMix.Evaluation.ExactMatchEvaluator.Evaluate(engine, records, 64);
+        foreach (var (family, acc) in exact.AccuracyByFamily)
+            Assert.True(Math.Abs(recorded[family]!.GetValue<double>() - acc) <= 1.0 / perFamily + 1e-9, $"{family}: recorded {recorded[family]}, measured {acc}");
+        // the held-out families are (near) unknown to the base; the trained ones are mostly learned
+        foreach (var f in TaskWorld.HeldOutFamilies) Assert.True(exact.AccuracyByFamily[f] <= 0.1, f);
+        Assert.True(TaskWorld.PretrainFamilies.Average(f => exact.AccuracyByFamily[f]) >= 0.5);
+    }
+}
