@@ -21,11 +21,15 @@ internal static class QuickstartCommand
         var json = new Option<bool>("--json") { Description = "Print the summary as one JSON object on stdout (progress goes to stderr)." };
         var model = new Option<string?>("--model", "-m") { Description = $"Base model directory (default: the embedded models/{EmbeddedModel.Name})." };
         var output = new Option<string?>("--out", "-o") { Description = "Output directory for the adapter, metrics and loss curve (default: out/quickstart-METHOD; replaced)." };
-        var family = new Option<string>("--family") { Description = $"Task family to learn (default: {TaskWorld.HeldOutFamilies[0]}, held out of the base model's pre-training).", DefaultValueFactory = _ => TaskWorld.HeldOutFamilies[0] };
+        var family = new Option<string[]>("--family")
+        {
+            Description = $"Task family to learn (repeatable; default: lora {TaskWorld.HeldOutFamilies[0]}, mixlora {string.Join(" + ", TaskWorld.HeldOutFamilies)}: families held out of the base model's pre-training).",
+            AllowMultipleArgumentsPerToken = false,
+        };
         family.AcceptOnlyFromAmong([.. TaskWorld.Families]);
-        var steps = new Option<int>("--steps") { Description = "Training steps (default 150).", DefaultValueFactory = _ => 150 };
+        var steps = new Option<int?>("--steps") { Description = "Training steps (default: lora 250, mixlora 400)." };
         var batch = new Option<int>("--batch-size") { Description = "Sequences per step (default 16).", DefaultValueFactory = _ => 16 };
-        var evalCount = new Option<int>("--eval-examples") { Description = "Test-split examples scored before and after (default 64).", DefaultValueFactory = _ => 64 };
+        var evalCount = new Option<int>("--eval-examples") { Description = "Test-split examples per family scored before and after (default 64).", DefaultValueFactory = _ => 64 };
         var seed = new Option<long>("--seed") { Description = "Training seed (default 42).", DefaultValueFactory = _ => 42 };
         var device = ModelCommands.DeviceOption();
         var cmd = new Command("quickstart",
@@ -42,9 +46,9 @@ internal static class QuickstartCommand
             var options = new QuickstartOptions
             {
                 ModelDir = p.GetValue(model) ?? EmbeddedModel.Locate(),
-                OutputDir = p.GetValue(output) ?? Path.Combine("out", $"quickstart-{m}"),
+                OutputDir = p.GetValue(output),
                 Method = m,
-                Family = p.GetValue(family)!,
+                Families = p.GetValue(family) is { Length: > 0 } chosen ? chosen : null,
                 Steps = p.GetValue(steps),
                 BatchSize = p.GetValue(batch),
                 EvalExamples = p.GetValue(evalCount),
@@ -54,9 +58,14 @@ internal static class QuickstartCommand
             // with --json stdout carries only the summary; progress goes to stderr as plain lines
             var progress = asJson ? new PlainProgress(p.InvocationConfiguration.Error) : TrainCommands.Progress(o);
             if (!asJson)
+            {
+                string what = m == "mixlora"
+                    ? $"a MixLoRA adapter ({options.NumExperts} experts, top-2, r={options.Rank}, all seven projections)"
+                    : $"a LoRA adapter (r={options.Rank}, every linear layer)";
                 o.WriteLine($"LoraMix quickstart: teach {Path.GetFileName(Path.TrimEndingDirectorySeparator(Path.GetFullPath(options.ModelDir)))} " +
-                            $"the '{options.Family}' task with a {m.ToUpperInvariant()} adapter (r={options.Rank}, every linear layer), " +
-                            $"{options.Steps} steps x {options.BatchSize} sequences");
+                            $"{string.Join(", ", options.EffectiveFamilies.Select(f => $"'{f}'"))} with {what}, " +
+                            $"{options.EffectiveSteps} steps x {options.BatchSize} sequences");
+            }
             var r = Quickstart.Run(options, progress);
             if (asJson)
             {
@@ -65,9 +74,24 @@ internal static class QuickstartCommand
             }
             var inv = CultureInfo.InvariantCulture;
             o.WriteLine();
-            o.WriteLine(string.Create(inv, $"exact match on {r.After.Total} held-out '{r.Family}' examples (test split):"));
-            o.WriteLine(string.Create(inv, $"  base model     {r.Before.Accuracy,7:P1}  ({r.Before.Correct}/{r.Before.Total})"));
-            o.WriteLine(string.Create(inv, $"  with adapter   {r.After.Accuracy,7:P1}  ({r.After.Correct}/{r.After.Total})"));
+            o.WriteLine(string.Create(inv, $"exact match on {r.After.Total} held-out examples (test split, {options.EvalExamples} per family):"));
+            o.WriteLine(string.Create(inv, $"  {"family",-14} {"base model",10} {"with adapter",13}"));
+            foreach (var f in r.Families)
+            {
+                var (bc, bt) = r.Before.ByFamily.GetValueOrDefault(f);
+                var (ac, at) = r.After.ByFamily.GetValueOrDefault(f);
+                o.WriteLine(string.Create(inv, $"  {f,-14} {Pct(bc, bt),10} {Pct(ac, at),13}"));
+            }
+            if (r.Families.Count > 1)
+                o.WriteLine(string.Create(inv, $"  {"all",-14} {Pct(r.Before.Correct, r.Before.Total),10} {Pct(r.After.Correct, r.After.Total),13}"));
+            if (r.Specialisation is { } spec)
+            {
+                o.WriteLine();
+                o.WriteLine("do experts specialise by task? I(family; top expert) on answer tokens, per layer:");
+                foreach (var s in spec)
+                    o.WriteLine(string.Create(inv, $"  layer {s.Layer}: {s.MutualInformationBits:F2} of at most {s.MaxBits:F2} bits; ") +
+                        string.Join("; ", s.LoadByFamily.Select(kv => $"{kv.Key} -> expert {Array.IndexOf(kv.Value, kv.Value.Max())} ({kv.Value.Max().ToString("P0", inv)})")));
+            }
             o.WriteLine();
             o.WriteLine("example (never seen in training):");
             foreach (var msg in r.Example.Record.PromptMessages)
@@ -76,15 +100,21 @@ internal static class QuickstartCommand
             o.WriteLine($"  base      {Quote(r.ExampleBefore)}");
             o.WriteLine($"  adapter   {Quote(r.Example.Output)}");
             o.WriteLine();
-            o.WriteLine($"adapter:     {r.AdapterDir} (PEFT LoRA: adapter_config.json + adapter_model.safetensors)");
+            o.WriteLine($"adapter:     {r.AdapterDir} " + (m == "mixlora"
+                ? "(MoE-PEFT MixLoRA: adapter_config.json + adapter_model.bin + adapter_model.safetensors)"
+                : "(PEFT LoRA: adapter_config.json + adapter_model.safetensors)"));
             o.WriteLine($"metrics:     {r.MetricsPath}");
             o.WriteLine($"loss curve:  {r.LossPlotPath}");
+            if (r.ExpertLoadPlotPath is not null) o.WriteLine($"expert load: {r.ExpertLoadPlotPath}");
             o.WriteLine(string.Create(inv, $"done in {r.Seconds:F0} s (training {r.TrainSeconds:F0} s)."));
             o.WriteLine($"next:        ./loramix chat --model {r.ModelDir} --adapter {r.AdapterDir}");
             return 0;
         });
         return cmd;
     }
+
+    private static string Pct(int correct, int total) =>
+        total == 0 ? "-" : string.Create(CultureInfo.InvariantCulture, $"{(double)correct / total:P0} ({correct}/{total})");
 
     private static string Quote(string s) => JsonSerializer.Serialize(s, Json);
 }

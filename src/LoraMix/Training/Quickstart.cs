@@ -2,6 +2,7 @@ using System.Diagnostics;
 using System.Globalization;
 using System.Text.Json.Nodes;
 using LoraMix.Adapters.Lora;
+using LoraMix.Adapters.MixLora;
 using LoraMix.Data;
 using LoraMix.Evaluation;
 using LoraMix.Inference;
@@ -9,42 +10,57 @@ using LoraMix.Torch;
 
 namespace LoraMix.Training;
 
-/// <summary>What <see cref="Quickstart.Run"/> trains and where it writes (defaults: a LoRA adapter, r = 16 on every linear
-/// layer, 150 steps of 16 sequences on the first held-out task family).</summary>
+/// <summary>What <see cref="Quickstart.Run"/> trains and where it writes. Defaults per method: <c>lora</c> — r = 16 on every
+/// linear layer, 250 steps of 16 sequences on the first held-out task family (last_word); <c>mixlora</c> — 4 experts, top-2, r = 16 on
+/// all seven projections, over every held-out family at once.</summary>
 public sealed record QuickstartOptions
 {
     /// <summary>The base model directory (the embedded <c>models/loramix-tiny</c> in the CLI).</summary>
     public required string ModelDir { get; init; }
-    /// <summary>Where the adapter, metrics.jsonl, loss.png and eval_results.json go (replaced if present).</summary>
-    public string OutputDir { get; init; } = Path.Combine("out", "quickstart-lora");
-    /// <summary>The adapter method; <c>lora</c> is the one this release has.</summary>
+    /// <summary>Where the adapter, metrics.jsonl, loss.png and eval_results.json go (replaced if present); null for
+    /// <c>out/quickstart-METHOD</c>.</summary>
+    public string? OutputDir { get; init; }
+    /// <summary>The adapter method: <c>lora</c> or <c>mixlora</c>.</summary>
     public string Method { get; init; } = "lora";
-    /// <summary>The task family to learn; the default is one the embedded model never saw.</summary>
-    public string Family { get; init; } = TaskWorld.HeldOutFamilies[0];
-    public int Steps { get; init; } = 150;
+    /// <summary>The task families to learn; null for the method's default (families the embedded model never saw).</summary>
+    public IReadOnlyList<string>? Families { get; init; }
+    /// <summary>Optimizer steps; null for the method's default.</summary>
+    public int? Steps { get; init; }
     public int BatchSize { get; init; } = 16;
     public double LearningRate { get; init; } = 2e-3;
     public int Rank { get; init; } = 16;
-    /// <summary>Test-split examples scored before and after training.</summary>
+    /// <summary>Experts per MixLoRA layer.</summary>
+    public int NumExperts { get; init; } = 4;
+    /// <summary>Test-split examples per family scored before and after training.</summary>
     public int EvalExamples { get; init; } = 64;
     public long Seed { get; init; } = 42;
     public string Device { get; init; } = "cpu";
     public int MaxNewTokens { get; init; } = 64;
 
-    /// <summary>The scored examples: <see cref="EvalExamples"/> of <see cref="Family"/> from the test split (inputs disjoint
-    /// from training), instruction in system or user half and half.</summary>
-    public TaskWorldSource EvalSource => new([Family], EvalExamples, Seed: 1, TaskSplit.Test, Placement: null);
+    /// <summary>The families trained and scored.</summary>
+    public IReadOnlyList<string> EffectiveFamilies => Families is { Count: > 0 } f ? f
+        : Method == "mixlora" ? TaskWorld.HeldOutFamilies : [TaskWorld.HeldOutFamilies[0]];
 
-    /// <summary>The training examples: <see cref="Steps"/> x <see cref="BatchSize"/> of <see cref="Family"/> from the train split.</summary>
-    public TaskWorldSource TrainSource => new([Family], Steps * BatchSize, Seed: 0, TaskSplit.Train, Placement: null);
+    /// <summary>The optimizer steps taken.</summary>
+    public int EffectiveSteps => Steps ?? (Method == "mixlora" ? 400 : 250);
+
+    /// <summary>The output directory.</summary>
+    public string EffectiveOutputDir => OutputDir ?? Path.Combine("out", $"quickstart-{Method}");
+
+    /// <summary>The scored examples: <see cref="EvalExamples"/> per family from the test split (inputs disjoint from
+    /// training), instruction in system or user half and half.</summary>
+    public TaskWorldSource EvalSource => new(EffectiveFamilies, EvalExamples * EffectiveFamilies.Count, Seed: 1, TaskSplit.Test, Placement: null);
+
+    /// <summary>The training examples: steps x batch size from the train split, families round-robin.</summary>
+    public TaskWorldSource TrainSource => new(EffectiveFamilies, EffectiveSteps * BatchSize, Seed: 0, TaskSplit.Train, Placement: null);
 
     /// <summary>Valid method names.</summary>
-    public static IReadOnlyList<string> Methods { get; } = ["lora"];
+    public static IReadOnlyList<string> Methods { get; } = ["lora", "mixlora"];
 }
 
 /// <summary>The outcome of <see cref="Quickstart.Run"/>.</summary>
 /// <param name="Method">The adapter method.</param>
-/// <param name="Family">The task family learned.</param>
+/// <param name="Families">The task families learned.</param>
 /// <param name="ModelDir">The base model (full path).</param>
 /// <param name="AdapterDir">The trained adapter (full path).</param>
 /// <param name="Before">Exact match of the base model on the test examples.</param>
@@ -58,54 +74,87 @@ public sealed record QuickstartOptions
 /// <param name="Seconds">Wall time of the whole run (both evaluations included).</param>
 /// <param name="MetricsPath">metrics.jsonl.</param>
 /// <param name="LossPlotPath">loss.png.</param>
-public sealed record QuickstartResult(string Method, string Family, string ModelDir, string AdapterDir, ExactMatchReport Before,
+/// <param name="Specialisation">MixLoRA: per layer, how expert choice depends on the family (answer tokens); else null.</param>
+/// <param name="ExpertLoadPlotPath">MixLoRA: the per-family expert-load heatmap; else null.</param>
+public sealed record QuickstartResult(string Method, IReadOnlyList<string> Families, string ModelDir, string AdapterDir, ExactMatchReport Before,
     ExactMatchReport After, ExactMatchSample Example, string ExampleBefore, int Steps, int TrainExamples, double? FinalLoss,
-    double TrainSeconds, double Seconds, string MetricsPath, string LossPlotPath)
+    double TrainSeconds, double Seconds, string MetricsPath, string LossPlotPath, IReadOnlyList<LayerSpecialisation>? Specialisation = null,
+    string? ExpertLoadPlotPath = null)
 {
     /// <summary>The summary as one JSON object (fractions for exact match).</summary>
-    public JsonObject ToJson() => new()
+    public JsonObject ToJson()
     {
-        ["method"] = Method,
-        ["family"] = Family,
-        ["before_exact_match"] = Math.Round(Before.Accuracy, 4),
-        ["after_exact_match"] = Math.Round(After.Accuracy, 4),
-        ["eval_examples"] = After.Total,
-        ["seconds"] = Math.Round(Seconds, 1),
-        ["train_seconds"] = Math.Round(TrainSeconds, 1),
-        ["steps"] = Steps,
-        ["train_examples"] = TrainExamples,
-        ["final_train_loss"] = FinalLoss is double l && double.IsFinite(l) ? Math.Round(l, 5) : null,
-        ["model_dir"] = ModelDir,
-        ["adapter_dir"] = AdapterDir,
-        ["metrics"] = MetricsPath,
-        ["loss_plot"] = LossPlotPath,
-        ["example"] = new JsonObject
+        var o = new JsonObject
         {
-            ["input"] = Example.Record.PromptMessages[^1].Content,
-            ["expected"] = Example.Record.ExpectedAnswer,
-            ["before"] = ExampleBefore,
-            ["after"] = Example.Output,
-        },
-    };
+            ["method"] = Method,
+            ["families"] = new JsonArray([.. Families.Select(f => (JsonNode)JsonValue.Create(f)!)]),
+            ["before_exact_match"] = Math.Round(Before.Accuracy, 4),
+            ["after_exact_match"] = Math.Round(After.Accuracy, 4),
+            ["before_exact_match_by_family"] = ByFamily(Before),
+            ["after_exact_match_by_family"] = ByFamily(After),
+            ["eval_examples"] = After.Total,
+            ["seconds"] = Math.Round(Seconds, 1),
+            ["train_seconds"] = Math.Round(TrainSeconds, 1),
+            ["steps"] = Steps,
+            ["train_examples"] = TrainExamples,
+            ["final_train_loss"] = FinalLoss is double l && double.IsFinite(l) ? Math.Round(l, 5) : null,
+            ["model_dir"] = ModelDir,
+            ["adapter_dir"] = AdapterDir,
+            ["metrics"] = MetricsPath,
+            ["loss_plot"] = LossPlotPath,
+            ["example"] = new JsonObject
+            {
+                ["family"] = Example.Record.Family,
+                ["input"] = Example.Record.PromptMessages[^1].Content,
+                ["expected"] = Example.Record.ExpectedAnswer,
+                ["before"] = ExampleBefore,
+                ["after"] = Example.Output,
+            },
+        };
+        if (Specialisation is not null)
+        {
+            o["expert_specialisation"] = new JsonArray([.. Specialisation.Select(s => (JsonNode)new JsonObject
+            {
+                ["layer"] = s.Layer,
+                ["tokens"] = s.Tokens,
+                ["mutual_information_bits"] = Math.Round(s.MutualInformationBits, 4),
+                ["max_bits"] = Math.Round(s.MaxBits, 4),
+                ["expert_load_by_family"] = new JsonObject(s.LoadByFamily.Select(kv => KeyValuePair.Create(kv.Key,
+                    (JsonNode?)new JsonArray([.. kv.Value.Select(v => (JsonNode)JsonValue.Create(Math.Round(v, 4))!)])))),
+            })]);
+            o["expert_load_plot"] = ExpertLoadPlotPath;
+        }
+        return o;
+    }
+
+    private static JsonObject ByFamily(ExactMatchReport r) =>
+        new(r.AccuracyByFamily.Select(kv => KeyValuePair.Create(kv.Key, (JsonNode?)JsonValue.Create(Math.Round(kv.Value, 4)))));
 }
 
 /// <summary>
-/// The README's first run: score the base model on a task family it never saw (test split), train an adapter on that
-/// family's train split through <see cref="TrainingRecipe"/> (the same path as <c>loramix train</c>), and score again
-/// through the one <see cref="ChatEngine"/>.
+/// The README's first run: score the base model on task families it never saw (test split), train an adapter on those
+/// families' train split through <see cref="TrainingRecipe"/> (the same path as <c>loramix train</c>), and score again
+/// through the one <see cref="ChatEngine"/>; for MixLoRA also measure whether experts specialise by family.
 /// </summary>
 public static class Quickstart
 {
+    /// <summary>The per-family expert-load heatmap's file name (MixLoRA).</summary>
+    public const string ExpertLoadPlotFile = "expert_load.png";
+
     public static QuickstartResult Run(QuickstartOptions o, ITrainingProgress? progress = null, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(o);
         progress ??= TrainingProgress.None;
         if (!QuickstartOptions.Methods.Contains(o.Method))
             throw new ArgumentException($"quickstart: unknown method '{o.Method}'; expected one of: {string.Join(", ", QuickstartOptions.Methods)}");
-        if (!TaskWorld.Families.Contains(o.Family))
-            throw new ArgumentException($"quickstart: unknown task family '{o.Family}'; expected one of: {string.Join(", ", TaskWorld.Families)}");
-        if (o.Steps < 1 || o.BatchSize < 1 || o.EvalExamples < 1 || o.Rank < 1)
-            throw new ArgumentException($"quickstart: steps, batch size, rank and eval examples must be positive (got {o.Steps}, {o.BatchSize}, {o.Rank}, {o.EvalExamples})");
+        var families = o.EffectiveFamilies;
+        foreach (var f in families)
+            if (!TaskWorld.Families.Contains(f))
+                throw new ArgumentException($"quickstart: unknown task family '{f}'; expected one of: {string.Join(", ", TaskWorld.Families)}");
+        int steps = o.EffectiveSteps;
+        if (steps < 1 || o.BatchSize < 1 || o.EvalExamples < 1 || o.Rank < 1 || o.NumExperts < 2)
+            throw new ArgumentException($"quickstart: steps, batch size, rank and eval examples must be positive and experts at least 2 " +
+                                        $"(got {steps}, {o.BatchSize}, {o.Rank}, {o.EvalExamples}, {o.NumExperts})");
         if (!File.Exists(Path.Combine(o.ModelDir, "config.json")))
             throw new LoraMixException($"quickstart: '{Path.GetFullPath(o.ModelDir)}' is not a model directory (no config.json)");
 
@@ -113,42 +162,63 @@ public static class Quickstart
         TorchRuntime.EnsureLoaded();
         var device = TorchRuntime.ParseDevice(o.Device);
         var evalSource = o.EvalSource;
-        var trainSource = o.TrainSource;
         var evalRecords = evalSource.Records();
+        string familyText = string.Join(", ", families.Select(f => $"'{f}'"));
 
         // ---- before: the base model alone
-        progress.Info($"scoring the base model on {evalRecords.Count} held-out '{o.Family}' examples (test split)...");
+        progress.Info($"scoring the base model on {evalRecords.Count} held-out {familyText} examples (test split)...");
         ExactMatchReport before;
         using (var engine = ChatEngine.Load(o.ModelDir, new EngineOptions { Device = device }))
             before = ExactMatchEvaluator.Evaluate(engine, evalRecords, o.MaxNewTokens, cancellationToken: cancellationToken);
         progress.Info(string.Create(CultureInfo.InvariantCulture, $"before: exact match {before.Accuracy:P1} ({before.Correct}/{before.Total})"));
 
         // ---- train through the recipe (the adapter is scored after training on the same records)
+        bool mix = o.Method == "mixlora";
         var recipe = new TrainingRecipe
         {
             Source = "quickstart",
             ModelPath = o.ModelDir,
-            Method = RecipeMethod.Lora,
-            Lora = new LoraConfig { R = o.Rank, LoraAlpha = 2 * o.Rank, AllLinear = true, TargetModules = null },
-            Dataset = new DatasetSpec([], trainSource),
+            Method = mix ? RecipeMethod.MixLora : RecipeMethod.Lora,
+            Lora = mix ? null : new LoraConfig { R = o.Rank, LoraAlpha = 2 * o.Rank, AllLinear = true, TargetModules = null, BaseModelNameOrPath = o.ModelDir },
+            MixLora = mix
+                ? new MixLoraConfig
+                {
+                    NumExperts = o.NumExperts, TopK = 2, R = o.Rank, LoraAlpha = 2 * o.Rank, LoraDropout = 0, RouterAuxLossCoef = 0.01,
+                    RouterZLossCoef = 0.001, BaseModelNameOrPath = o.ModelDir,
+                }
+                : null,
+            Dataset = new DatasetSpec([], o.TrainSource),
             EvalDataset = new DatasetSpec([], evalSource),
             EvalExactMatch = true,
             EvalMaxNewTokens = o.MaxNewTokens,
             Device = o.Device,
             Trainer = new TrainingOptions
             {
-                LearningRate = o.LearningRate, LrScheduler = "cosine", WarmupSteps = Math.Min(10, o.Steps / 10), MaxSteps = o.Steps,
-                BatchSize = o.BatchSize, CutoffLen = 256, Seed = o.Seed, LoggingSteps = 10, EvalSteps = Math.Max(1, o.Steps / 3),
-                OutputDir = o.OutputDir, OverwriteOutputDir = true,
+                LearningRate = o.LearningRate, LrScheduler = "cosine", WarmupSteps = Math.Min(20, steps / 10), MaxSteps = steps,
+                BatchSize = o.BatchSize, CutoffLen = 256, Seed = o.Seed, LoggingSteps = 10, EvalSteps = Math.Max(1, (int)Math.Ceiling(steps / 5.0)),
+                OutputDir = o.EffectiveOutputDir, OverwriteOutputDir = true,
             },
         };
         var result = recipe.Run(progress, cancellationToken);
         var after = result.ExactMatch ?? throw new InvalidOperationException("quickstart: the recipe did not score the adapter");
 
+        // ---- MixLoRA: do experts specialise by task?
+        IReadOnlyList<LayerSpecialisation>? specialisation = null;
+        string? plot = null;
+        if (mix)
+        {
+            using var engine = ChatEngine.Load(o.ModelDir, new EngineOptions { Device = device, Adapters = [result.AdapterDir!] });
+            specialisation = ExpertSpecialisation.Measure(engine, evalRecords, o.NumExperts, cancellationToken);
+            plot = Path.Combine(result.OutputDir, ExpertLoadPlotFile);
+            ExpertSpecialisation.WriteHeatmap(plot, specialisation);
+            progress.Info("expert specialisation, I(family; top expert) on answer tokens: " + string.Join(", ", specialisation.Select(s =>
+                string.Create(CultureInfo.InvariantCulture, $"layer {s.Layer} {s.MutualInformationBits:F2}/{s.MaxBits:F2} bits"))));
+        }
+
         // an example: the first one the base got wrong (the lists are in the same order: same records, same filter)
         int pick = Enumerable.Range(0, before.Samples.Count).FirstOrDefault(i => !before.Samples[i].Correct);
-        return new QuickstartResult(o.Method, o.Family, Path.GetFullPath(o.ModelDir), result.AdapterDir!, before, after, after.Samples[pick],
+        return new QuickstartResult(o.Method, families, Path.GetFullPath(o.ModelDir), result.AdapterDir!, before, after, after.Samples[pick],
             before.Samples[pick].Output, result.Training.GlobalStep, result.TrainExamples, result.Training.Steps.Count > 0 ? result.Training.Steps[^1].Loss : null,
-            result.Training.Seconds, total.Elapsed.TotalSeconds, result.MetricsPath, result.LossPlotPath);
+            result.Training.Seconds, total.Elapsed.TotalSeconds, result.MetricsPath, result.LossPlotPath, specialisation, plot);
     }
 }
