@@ -9,8 +9,14 @@ using static TorchSharp.torch;
 // the machine's fp32 matmul peak first, then the model on the `small` preset.
 //   dotnet run -c Release --project bench/LoraMix.Bench [-- --quick]          runtime: prefill MFU, decode tokens/s
 //   dotnet run -c Release --project bench/LoraMix.Bench -- train [--quick]    LoRA training step: tokens/s, MFU
+//   dotnet run -c Release --project bench/LoraMix.Bench -- mixlora [--quick] [--json PATH]
+//                                                     MixLoRA (sparse, dense) vs LoRA: training step per token, decode tokens/s
 bool quick = args.Contains("--quick");
 bool trainMode = args.Contains("train");
+bool mixMode = args.Contains("mixlora");
+int jsonAt = Array.IndexOf(args, "--json");
+string? jsonPath = jsonAt >= 0 && jsonAt + 1 < args.Length ? args[jsonAt + 1] : null;
+if (jsonAt >= 0 && jsonPath is null) { Console.Error.WriteLine("--json needs a file path"); return; }
 CultureInfo.DefaultThreadCurrentCulture = CultureInfo.InvariantCulture;
 CultureInfo.CurrentCulture = CultureInfo.InvariantCulture;
 LoraMix.Torch.TorchRuntime.EnsureLoaded();
@@ -52,6 +58,11 @@ using (no_grad())
 }
 Console.WriteLine($"measured fp32 matmul peak: {peak:F1} GFLOP/s");
 
+if (mixMode)
+{
+    LoraMix.Bench.MixLoraBench.Run(peak, quick, jsonPath);
+    return;
+}
 if (trainMode)
 {
     LoraMix.Bench.TrainBench.Run(peak, quick);

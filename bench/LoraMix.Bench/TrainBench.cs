@@ -14,7 +14,7 @@ namespace LoraMix.Bench;
 /// </summary>
 internal static class TrainBench
 {
-    private sealed class StepClock : ITrainingProgress
+    internal sealed class StepClock : ITrainingProgress
     {
         public List<double> Elapsed { get; } = [];
         public void Started(TrainingPlan plan) { }

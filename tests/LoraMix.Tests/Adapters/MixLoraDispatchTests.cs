@@ -117,6 +117,71 @@ public sealed class MixLoraDispatchTests
             Assert.True(denseGrads[router].abs().max().item<double>() > 1e-6, "the router receives a gradient");
     }
 
+    private static (Tensor Output, List<Tensor> Grads) ForwardBackward(MixLoraFeedForward block, IReadOnlyList<TorchSharp.Modules.Parameter> trainable,
+        Tensor x, Tensor probe)
+    {
+        foreach (var p in trainable) p.grad?.zero_();
+        x.grad?.zero_();
+        var y = block.forward(x, MixLoraTestKit.Context());
+        (y * probe).sum().backward();
+        return (y.detach().clone(), trainable.Select(p => p.grad?.clone() ?? zeros_like(p)).Append(x.grad!.clone()).ToList());
+    }
+
+    [Theory]
+    [MemberData(nameof(Strategies))]
+    public void TheLibrarysDenseDispatchEqualsSparseDispatchInOutputsAndGradients(string strategy, int topK, int capacity)
+    {
+        foreach (var dtype in new[] { ScalarType.Float64, ScalarType.Float32 })
+        {
+            using var scope = NewDisposeScope();
+            var config = MixLoraTestKit.Config(strategy, experts: 5, topK: Math.Max(topK, 1)) with
+            {
+                TopP = 0.6, ExpertCapacity = Math.Min(capacity, 1000), JitterNoise = 0.0,
+            };
+            using var model = MixLoraTestKit.Model(config, 15, dtype);
+            var block = (MixLoraFeedForward)model.Model.Layers[1].FeedForward;
+            block.eval();
+            var trainable = MixLoraAdapters.PrepareForTraining(model);
+            using var gen = new TorchSharp.torch.Generator(6, CPU);
+            var x = randn([2, 9, 96], generator: gen).to(dtype).requires_grad_(true);
+            var probe = randn([2, 9, 96], generator: gen).to(dtype);
+
+            Assert.Equal(MixLoraDispatch.Sparse, block.Dispatch);
+            var (sparse, sparseGrads) = ForwardBackward(block, trainable, x, probe);
+            MixLoraAdapters.SetDispatch(model, MixLoraDispatch.Dense);
+            Assert.All(MixLoraAdapters.Blocks(model), b => Assert.Equal(MixLoraDispatch.Dense, b.Dispatch));
+            var (dense, denseGrads) = ForwardBackward(block, trainable, x, probe);
+
+            // rounding differs only in summation order: tolerance scaled by the dtype's epsilon
+            double eps = dtype == ScalarType.Float64 ? 2.2e-16 : 1.2e-7;
+            double err = TestModels.RelativeError(dense, sparse);
+            Assert.True(err < 1e3 * eps, $"{dtype}: output relative error {err:E3}");
+            for (int i = 0; i < sparseGrads.Count; i++)
+            {
+                double g = TestModels.RelativeError(denseGrads[i], sparseGrads[i]);
+                // an analytically zero gradient (the router under renormalised top-1) is rounding noise in both paths
+                double abs = (denseGrads[i] - sparseGrads[i]).abs().max().to(ScalarType.Float64).item<double>();
+                Assert.True(g < 1e4 * eps || abs < 1e3 * eps, $"{dtype}: gradient {i} relative error {g:E3} (absolute {abs:E3})");
+            }
+        }
+    }
+
+    [Fact]
+    public void DenseDispatchGivesTheSameModelLogitsAndDefaultIsSparse()
+    {
+        using var scope = NewDisposeScope();
+        using var model = MixLoraTestKit.Model(MixLoraTestKit.Config(MixLoraConfig.TopPStrategy), 16);
+        model.eval();
+        Assert.All(MixLoraAdapters.Blocks(model), b => Assert.Equal(MixLoraDispatch.Sparse, b.Dispatch));
+        var ids = tensor(new long[] { 1, 7, 9, 4, 200, 31, 5 }).unsqueeze(0);
+        var sparse = model.Forward(ids);
+        MixLoraAdapters.SetDispatch(model, MixLoraDispatch.Dense);
+        var dense = model.Forward(ids);
+        Assert.True(TestModels.RelativeError(dense, sparse) < 1e-5);
+        MixLoraAdapters.SetDispatch(model, MixLoraDispatch.Sparse);
+        Assert.True(model.Forward(ids).equal(sparse).all().item<bool>());
+    }
+
     [Fact]
     public void SparseDispatchMatchesTheDenseReferenceInFloat32WithinDTypeTolerance()
     {

@@ -81,6 +81,16 @@ public static class MixLoraAdapters
         else LoraAdapters.SetActive(model);
     }
 
+    /// <summary>Sets how every MixLoRA block of the model dispatches tokens to experts (<see cref="MixLoraDispatch.Sparse"/>
+    /// by default; <see cref="MixLoraDispatch.Dense"/> for comparison). Not saved with the adapter; blocks created by a
+    /// later <see cref="Attach"/> start sparse.</summary>
+    public static void SetDispatch(LlamaForCausalLM model, MixLoraDispatch dispatch)
+    {
+        var blocks = Blocks(model);
+        if (blocks.Count == 0) throw new ArgumentException("no MixLoRA adapter is attached");
+        foreach (var b in blocks) b.Dispatch = dispatch;
+    }
+
     /// <summary>Freezes every parameter, then unfreezes and returns the adapter's: routers, expert A/B, attention A/B.</summary>
     public static IReadOnlyList<Parameter> PrepareForTraining(LlamaForCausalLM model, string adapterName = "default")
     {

@@ -76,6 +76,9 @@ public sealed class MixLoraMixture : nn.Module
 
     public IReadOnlyList<MixLoraExpert> Experts => _experts.ToList();
 
+    /// <summary>The experts without a copy (the forward pass indexes them per run).</summary>
+    internal IList<MixLoraExpert> ExpertList => _experts;
+
     /// <summary>Every trainable tensor: the router weight, then each expert's A and B.</summary>
     public IEnumerable<Parameter> AdapterParameters()
     {
@@ -89,13 +92,27 @@ public sealed class MixLoraMixture : nn.Module
     }
 }
 
+/// <summary>How a <see cref="MixLoraFeedForward"/> runs its experts. Not an adapter-config key (MoE-PEFT's format has
+/// none): a runtime switch, set per block or for a whole model with <see cref="MixLoraAdapters.SetDispatch"/>.</summary>
+public enum MixLoraDispatch
+{
+    /// <summary>Each expert runs on its routed tokens only (the default).</summary>
+    Sparse,
+
+    /// <summary>Every expert runs on every token; the outputs are masked by the routing weights (zero for unselected
+    /// experts). The same function as <see cref="Sparse"/> up to rounding; a reference for tests and benchmarks.</summary>
+    Dense,
+}
+
 /// <summary>
 /// The MixLoRA feed-forward block: the frozen SwiGLU MLP of a layer shared by a router and LoRA experts
 /// (research/mixlora.md §3). For the active adapter, per token: the router policy (the routing context's, else the
 /// adapter's <c>router_policy</c>) runs the fp32 router on the block input (the post-attention-norm hidden state) of the
-/// tokens it routes, softmax, strategy selection (top-k renormalised, top-p, or switch); then sparse dispatch — the base <c>gate</c> and <c>up</c> projections run once for all
-/// tokens, each expert runs only on its routed tokens (<c>index_select</c>), and the results are summed with the routing
-/// weights in fp32 (<c>index_add_</c>). Jitter and the experts' LoRA dropout act in training mode only. With no active
+/// tokens it routes, softmax, strategy selection (top-k renormalised, top-p, or switch); then sparse dispatch — the base
+/// <c>gate</c> and <c>up</c> projections run once for all tokens, the routed (token, slot) pairs are grouped by expert and
+/// gathered once, each expert's LoRA deltas run only on its own rows, the base <c>down</c> projection runs once over all
+/// routed rows, and the results are summed with the routing weights in fp32 (<c>index_add</c>). <see cref="Dispatch"/>
+/// selects the dense variant instead (every expert on every token, for comparison). Jitter and the experts' LoRA dropout act in training mode only. With no active
 /// adapter it is the dense MLP. State-dict keys of the base MLP are unchanged (<c>mlp.gate_proj.weight</c>, ...);
 /// adapters live under <c>mlp.moe.&lt;adapter&gt;.*</c>.
 /// </summary>
@@ -123,6 +140,9 @@ public sealed class MixLoraFeedForward : FeedForwardBlock
 
     /// <summary>The decoder layer index (reported to the routing context).</summary>
     public int Layer { get; }
+
+    /// <summary>Sparse (default) or dense expert dispatch; both compute the same function.</summary>
+    public MixLoraDispatch Dispatch { get; set; } = MixLoraDispatch.Sparse;
 
     /// <summary>The wrapped dense MLP (restored when the last adapter is removed).</summary>
     public LlamaMlp Dense => _dense;
@@ -208,19 +228,27 @@ public sealed class MixLoraFeedForward : FeedForwardBlock
         var decision = policy.Route(step);
         routing?.Record(Layer, decision.Logits ?? step.Logits, decision, ctx.TokenMask);
 
-        var y = SparseDispatch(mixture, xs, decision, routerDType);
+        // the frozen gate and up projections, once for all tokens
+        var gateBase = _gate.call(xs);
+        var upBase = _up.call(xs);
+        var y = Dispatch == MixLoraDispatch.Dense
+            ? DenseDispatch(mixture, xs, gateBase, upBase, decision, routerDType)
+            : SparseDispatch(mixture, xs, gateBase, upBase, decision, routerDType);
         if (decision.Passthrough is { } pass) y = y + pass.reshape(b * t, 1).to(routerDType) * xs.to(routerDType);
         if (training && cfg.RoutingStrategy == MixLoraConfig.SwitchStrategy && cfg.FfnDropout > 0)
             y = nn.functional.dropout(y, cfg.FfnDropout, true);
         return y.to(x.dtype).view(b, t, h).MoveToOuterDisposeScope();
     }
 
-    /// <summary>Runs each expert on its routed tokens only and sums the weighted outputs in <paramref name="accDType"/>.</summary>
-    private Tensor SparseDispatch(MixLoraMixture mixture, Tensor xs, RoutingDecision d, ScalarType accDType)
+    /// <summary>
+    /// Sparse dispatch: the (token, slot) pairs are sorted by expert and gathered once (the block input and the frozen
+    /// gate/up outputs); each expert's LoRA runs on its contiguous run of rows only; the frozen down projection runs once
+    /// on all gathered rows; the weighted rows are scattered back into the tokens in <paramref name="accDType"/>.
+    /// </summary>
+    private Tensor SparseDispatch(MixLoraMixture mixture, Tensor xs, Tensor gateBase, Tensor upBase, RoutingDecision d, ScalarType accDType)
     {
         long n = xs.shape[0], k = d.Experts.shape[^1];
         int numExperts = mixture.Strategy.NumExperts;
-        var dtype = xs.dtype;
         var experts = d.Experts.reshape(-1);
         var weights = d.Weights.reshape(-1).to(accDType);
         var token = arange(n * k, dtype: ScalarType.Int64, device: xs.device).div(k, rounding_mode: RoundingMode.floor);
@@ -236,33 +264,64 @@ public sealed class MixLoraFeedForward : FeedForwardBlock
         var sortedToken = token.index_select(0, order);
         var sortedWeight = weights.index_select(0, order);
         var counts = experts.bincount(null, numExperts).cpu().data<long>().ToArray();
+        var segments = Enumerable.Range(0, numExperts).Where(e => counts[e] > 0).ToArray();
+        var sizes = segments.Select(e => counts[e]).ToArray();
+        if (sizes.Length == 0) return zeros(n, xs.shape[1], dtype: accDType, device: xs.device);
 
-        // the frozen gate and up projections, once for all tokens
-        var gateBase = _gate.call(xs);
-        var upBase = _up.call(xs);
-        var output = zeros(n, xs.shape[1], dtype: accDType, device: xs.device);
-        var act = mixture.Activation;
-        var adapterDType = mixture.RouterWeight.dtype;
-        long offset = 0;
-        for (int e = 0; e < numExperts; e++)
-        {
-            long count = counts[e];
-            if (count == 0) continue;
-            var idx = sortedToken.narrow(0, offset, count);
-            var w = sortedWeight.narrow(0, offset, count);
-            offset += count;
-            var expert = mixture.Experts[e];
-            var xe = xs.index_select(0, idx);
-            var g = gateBase.index_select(0, idx);
-            var u = upBase.index_select(0, idx);
-            if (expert.Get("gate_proj") is { } dg) g = g + dg.call(xe.to(adapterDType)).to(dtype);
-            if (expert.Get("up_proj") is { } du) u = u + du.call(xe.to(adapterDType)).to(dtype);
-            var hidden = act(g) * u;
-            var ye = _down.call(hidden);
-            if (expert.Get("down_proj") is { } dd) ye = ye + dd.call(hidden.to(adapterDType)).to(dtype);
-            output.index_add_(0, idx, ye.to(accDType) * w.unsqueeze(1), 1.0);
-        }
-        return output;
+        var xRows = xs.index_select(0, sortedToken);
+        var xParts = xRows.to(mixture.RouterWeight.dtype).split(sizes);
+        var parts = segments.Select((e, i) => (e, xParts[i])).ToList();
+        var gate = AddDeltas(gateBase.index_select(0, sortedToken), mixture, "gate_proj", parts);
+        var up = AddDeltas(upBase.index_select(0, sortedToken), mixture, "up_proj", parts);
+        var rows = ExpertOutputs(mixture, gate, up, segments, sizes);   // [M, hidden]
+        return zeros(n, xs.shape[1], dtype: accDType, device: xs.device)
+            .index_add(0, sortedToken, rows.to(accDType) * sortedWeight.unsqueeze(1), 1.0);
+    }
+
+    /// <summary>
+    /// Dense dispatch (<see cref="MixLoraDispatch.Dense"/>, a reference for benchmarks and tests): every expert runs on
+    /// every token and the outputs are summed with a <c>[N, E]</c> weight matrix that is zero off the selection. Same
+    /// result as <see cref="SparseDispatch"/> up to rounding, E/k times the expert work.
+    /// </summary>
+    private Tensor DenseDispatch(MixLoraMixture mixture, Tensor xs, Tensor gateBase, Tensor upBase, RoutingDecision d, ScalarType accDType)
+    {
+        long n = xs.shape[0], h = xs.shape[1], inter = gateBase.shape[1];
+        int numExperts = mixture.Strategy.NumExperts;
+        var experts = d.Experts.reshape(n, -1);
+        var weights = d.Weights.reshape(n, -1).to(accDType);
+        if (d.Active is { } active) weights = where(active.reshape(n, -1), weights, zeros_like(weights));
+        var mix = zeros(n, numExperts, dtype: accDType, device: xs.device).scatter_add(1, experts, weights);   // [N, E]
+
+        var xa = xs.to(mixture.RouterWeight.dtype);
+        var segments = Enumerable.Range(0, numExperts).ToArray();
+        var sizes = segments.Select(_ => n).ToArray();
+        var parts = segments.Select(e => (e, xa)).ToList();
+        // the frozen gate/up outputs broadcast over the experts: [E, N, I] viewed as E runs of N rows
+        Tensor Broadcast(Tensor baseOut, string proj) =>
+            AddDeltas(baseOut.unsqueeze(0).expand(numExperts, n, inter).reshape(numExperts * n, inter), mixture, proj, parts);
+        var rows = ExpertOutputs(mixture, Broadcast(gateBase, "gate_proj"), Broadcast(upBase, "up_proj"), segments, sizes);
+        return (rows.to(accDType).view(numExperts, n, h) * mix.t().unsqueeze(2)).sum(0L);   // 0L: a literal 0 would bind to sum(ScalarType)
+    }
+
+    /// <summary>Adds each expert's LoRA delta on <paramref name="projection"/> to its run of <paramref name="baseRows"/>
+    /// (runs in the order of <paramref name="parts"/>, each part the expert's adapter-dtype inputs).</summary>
+    private static Tensor AddDeltas(Tensor baseRows, MixLoraMixture mixture, string projection, IReadOnlyList<(int Expert, Tensor Input)> parts)
+    {
+        if (mixture.ExpertList[0].Get(projection) is null) return baseRows;
+        var deltas = parts.Select(p => mixture.ExpertList[p.Expert].Get(projection)!.call(p.Input)).ToList();
+        var delta = deltas.Count == 1 ? deltas[0] : cat(deltas, 0);
+        return baseRows + delta.to(baseRows.dtype);
+    }
+
+    /// <summary>The experts' SwiGLU outputs for runs of rows: activation, the frozen down projection once over all rows,
+    /// plus each expert's down-projection delta on its own run (<paramref name="segments"/> experts, <paramref name="sizes"/> rows each).</summary>
+    private Tensor ExpertOutputs(MixLoraMixture mixture, Tensor gate, Tensor up, int[] segments, long[] sizes)
+    {
+        var hidden = mixture.Activation(gate) * up;
+        var y = _down.call(hidden);
+        if (mixture.ExpertList[0].Get("down_proj") is null) return y;
+        var hParts = hidden.to(mixture.RouterWeight.dtype).split(sizes);
+        return AddDeltas(y, mixture, "down_proj", segments.Select((e, i) => (e, hParts[i])).ToList());
     }
 }
 
