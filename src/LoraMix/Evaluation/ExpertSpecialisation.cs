@@ -119,7 +119,7 @@ public static class ExpertSpecialisation
         for (int f = 0; f < families.Count; f++)
             for (int l = 0; l < layers.Count; l++)
                 for (int e = 0; e < experts; e++)
-                    data[f, l * experts + e] = layers[l].LoadByFamily[families[f]][e];
+                    data[families.Count - 1 - f, l * experts + e] = layers[l].LoadByFamily[families[f]][e];   // drawn at y = f
 
         var plot = new ScottPlot.Plot();
         var hm = plot.Add.Heatmap(data);

@@ -26,7 +26,7 @@ public static class RoutingHeatmap
         if (privileges is not null && privileges.Count != tokens)
             throw new ArgumentException($"{privileges.Count} privileges for {tokens} tokens", nameof(privileges));
 
-        // ScottPlot draws row 0 at the top: put layer 0 at the bottom.
+        // ScottPlot draws data row r at y = rows − 1 − r (row 0 on top): put layer 0 in the last row, at y = 0.
         var data = new double[layers, tokens];
         for (int l = 0; l < layers; l++)
             for (int t = 0; t < tokens; t++)
@@ -62,7 +62,7 @@ public static class RoutingHeatmap
             plot.Axes.Bottom.TickLabelStyle.Rotation = 90;
             plot.Axes.Bottom.TickLabelStyle.Alignment = ScottPlot.Alignment.MiddleLeft;
         }
-        var layerTicks = Enumerable.Range(0, layers).Select(l => new ScottPlot.Tick(layers - 1 - l, $"L{l}")).ToArray();
+        var layerTicks = Enumerable.Range(0, layers).Select(l => new ScottPlot.Tick(l, $"L{l}")).ToArray();   // data row r is drawn at y = rows − 1 − r
         plot.Axes.Left.TickGenerator = new ScottPlot.TickGenerators.NumericManual(layerTicks);
         plot.Title(title);
         plot.XLabel("token");
