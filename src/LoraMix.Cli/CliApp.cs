@@ -25,6 +25,7 @@ public static class CliApp
         root.Subcommands.Add(TrainCommands.Pretrain());
         root.Subcommands.Add(TrainCommands.Eval());
         root.Subcommands.Add(TrainCommands.Merge());
+        root.Subcommands.Add(RoutingCommands.InspectRouting());
         return root;
     }
 

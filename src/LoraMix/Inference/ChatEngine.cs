@@ -2,6 +2,7 @@ using LoraMix.Adapters;
 using LoraMix.Adapters.Lora;
 using LoraMix.Adapters.MixLora;
 using LoraMix.Modeling;
+using LoraMix.Routing;
 using LoraMix.Tokenization;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -42,9 +43,11 @@ public sealed class ChatEngine : IDisposable
     private readonly ChatRenderer? _renderer;
     private readonly string _modelDirectory;
 
-    private ChatEngine(LlamaForCausalLM model, TextTokenizer? tokenizer, ChatTemplate? template, string modelDirectory)
+    private ChatEngine(LlamaForCausalLM model, TextTokenizer? tokenizer, ChatTemplate? template, string modelDirectory,
+        MixLoraConfig? mixLora)
     {
         Model = model;
+        MixLora = mixLora;
         _tokenizer = tokenizer;
         _modelDirectory = modelDirectory;
         if (tokenizer is not null && (template is not null || tokenizer.ChatTemplate is not null))
@@ -62,6 +65,9 @@ public sealed class ChatEngine : IDisposable
 
     /// <summary>The model (with any adapters attached).</summary>
     public LlamaForCausalLM Model { get; }
+
+    /// <summary>The loaded MixLoRA adapter's config, or null when no MixLoRA adapter is loaded.</summary>
+    public MixLoraConfig? MixLora { get; }
 
     /// <summary>The tokenizer; throws when the model directory has none.</summary>
     public TextTokenizer Tokenizer => _tokenizer ?? throw new TokenizerFileException(_modelDirectory, null,
@@ -96,8 +102,9 @@ public sealed class ChatEngine : IDisposable
             var kinds = options.Adapters.Select(AdapterDirectory.Detect).ToList();
             if (kinds.Contains(AdapterKind.MixLora) && kinds.Count > 1)
                 throw new LoraMixException($"a MixLoRA adapter is loaded on its own; got {kinds.Count} adapters ({string.Join(", ", options.Adapters)})");
+            MixLoraConfig? mixLora = null;
             if (kinds is [AdapterKind.MixLora])
-                MixLoraAdapters.Load(model, options.Adapters[0]);
+                mixLora = MixLoraAdapters.Load(model, options.Adapters[0]);
             else
             {
                 for (int i = 0; i < options.Adapters.Count; i++)
@@ -106,7 +113,7 @@ public sealed class ChatEngine : IDisposable
                     LoraAdapters.SetActive(model, [.. Enumerable.Range(0, options.Adapters.Count).Select(i => $"adapter{i}")]);
             }
             model.eval();
-            return new ChatEngine(model, tokenizer, template, modelDirectory);
+            return new ChatEngine(model, tokenizer, template, modelDirectory, mixLora);
         }
         catch
         {
@@ -205,6 +212,62 @@ public sealed class ChatEngine : IDisposable
     public EngineResult Chat(IReadOnlyList<ChatMessage> messages, GenerationOptions options, Action<string>? onText = null,
         CancellationToken cancellationToken = default) =>
         Generate(RenderForGeneration(messages).Ids, options, onText, cancellationToken);
+
+    /// <summary>
+    /// Runs a conversation through the MixLoRA adapter with a <see cref="RoutingTrace"/>: the rendered chat (with the
+    /// generation prompt) is prefilled with the renderer's privilege labels, then up to <paramref name="generateTokens"/>
+    /// greedy tokens are decoded through the KV cache and each is fed back and traced (labelled
+    /// <see cref="Privilege.Assistant"/>). Routing goes through <paramref name="policyOverride"/>, or the adapter's
+    /// configured <c>router_policy</c> when null.
+    /// </summary>
+    /// <param name="messages">The conversation.</param>
+    /// <param name="policyOverride">The router policy to route with instead of the adapter's, or null.</param>
+    /// <param name="generateTokens">Greedy decoding steps to trace after the prompt (0: prefill only).</param>
+    /// <param name="stopAtStopTokens">Stop early at the engine's stop tokens (EOS, end of turn).</param>
+    /// <param name="cancellationToken">Cancels between decoding steps.</param>
+    /// <exception cref="LoraMixException">No MixLoRA adapter is loaded, or the model has no tokenizer or chat template.</exception>
+    public RoutingInspection TraceRouting(IReadOnlyList<ChatMessage> messages, IRouterPolicy? policyOverride = null,
+        int generateTokens = 0, bool stopAtStopTokens = true, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(messages);
+        ArgumentOutOfRangeException.ThrowIfNegative(generateTokens);
+        var mixLora = MixLora ?? throw new LoraMixException(
+            "routing can only be traced through a MixLoRA adapter, and none is loaded (LoRA adapters have no router)");
+        var chat = RenderForGeneration(messages);
+        var policy = policyOverride ?? mixLora.CreatePolicy();
+        // One step more than the tokens to trace: the generator never feeds back the last token it samples.
+        var options = new GenerationOptions
+        {
+            MaxNewTokens = generateTokens + 1, Temperature = 0, StopAtEos = stopAtStopTokens,
+            StopTokenIds = stopAtStopTokens ? [.. StopTokenIds] : [],
+        };
+        _modelThread.Wait(cancellationToken);
+        try
+        {
+            using var routing = new RoutingContext { Policy = policy, Trace = new RoutingTrace() };
+            var generated = new TokenGenerator(Model).Generate(chat, options, routing, cancellationToken: cancellationToken);
+            int traced = Math.Min(generated.Tokens.Count, generateTokens);
+            var routes = routing.Trace!.Row(0);
+            if (routes.Count != chat.Length + traced)
+                throw new InvalidOperationException($"routing trace has {routes.Count} tokens, expected {chat.Length} prompt + {traced} generated");
+            var tokens = new List<InspectedToken>(routes.Count);
+            for (int i = 0; i < routes.Count; i++)
+            {
+                bool isGenerated = i >= chat.Length;
+                int id = isGenerated ? generated.Tokens[i - chat.Length] : chat.Ids[i];
+                tokens.Add(new InspectedToken(id, Tokenizer.TokenPiece(id), isGenerated ? Privilege.Assistant : chat.Privileges[i],
+                    isGenerated, routes[i].Layers));
+            }
+            FinishReason? finish = generateTokens == 0 ? null
+                : generated.Tokens.Count > generateTokens ? FinishReason.Length : generated.FinishReason;
+            return new RoutingInspection(tokens, chat.Length, chat.FirstUntrustedPosition, policy, mixLora.NumExperts,
+                routing.Trace.LayerIndices, finish);
+        }
+        finally
+        {
+            _modelThread.Release();
+        }
+    }
 
     /// <inheritdoc />
     public void Dispose()

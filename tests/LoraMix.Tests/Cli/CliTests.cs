@@ -85,6 +85,7 @@ public sealed class CliTests : IDisposable
     [InlineData("init-model")]
     [InlineData("import-llama2c")]
     [InlineData("quickstart")]
+    [InlineData("inspect-routing")]
     public void EveryVerbHasHelp(string verb)
     {
         var r = Run(verb, "--help");

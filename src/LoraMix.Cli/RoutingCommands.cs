@@ -1,0 +1,100 @@
+using System.CommandLine;
+using LoraMix.Adapters;
+using LoraMix.Adapters.MixLora;
+using LoraMix.Evaluation;
+using LoraMix.Inference;
+using LoraMix.Routing;
+using LoraMix.Tokenization;
+using LoraMix.Torch;
+
+namespace LoraMix.Cli;
+
+/// <summary>Verbs that look at a MixLoRA adapter's routing.</summary>
+internal static class RoutingCommands
+{
+    public const string TraceFileName = "trace.json";
+    public const string HeatmapFileName = "routing.png";
+
+    public static Command InspectRouting()
+    {
+        var model = ModelCommands.ModelOption();
+        var adapter = new Option<string>("--adapter") { Description = "A MixLoRA adapter directory (adapter_config.json with peft_type MIXLORA).", Required = true };
+        var chat = new Option<string>("--chat") { Description = "A JSON file: a list of {\"role\", \"content\"} (roles system, user, assistant, tool, data).", Required = true };
+        var output = new Option<string>("--out", "-o") { Description = $"Output directory for {TraceFileName} and {HeatmapFileName}.", Required = true };
+        var policy = new Option<string?>("--router-policy") { Description = "Route with this policy instead of the adapter's router_policy: free or privileged." };
+        policy.AcceptOnlyFromAmong([.. MixLoraConfig.RouterPolicies]);
+        var snapshot = new Option<string?>("--privileged-snapshot") { Description = "Snapshot of the privileged policy: last or pooled (default: the adapter's, else last)." };
+        snapshot.AcceptOnlyFromAmong([.. MixLoraConfig.PrivilegedSnapshots]);
+        var template = new Option<string?>("--template") { Description = $"Chat template: {string.Join(", ", ChatTemplate.Names)} (default: from tokenizer_config.json)." };
+        var generate = new Option<int>("--generate") { Description = "Greedy tokens to generate and trace after the prompt (default 0: the prompt only).", DefaultValueFactory = _ => 0 };
+        var ignoreEos = new Option<bool>("--ignore-eos") { Description = "Generate all --generate tokens: do not stop at EOS or end-of-turn tokens." };
+        var device = ModelCommands.DeviceOption();
+        var dtype = ModelCommands.DTypeOption("f32");
+        var cmd = new Command("inspect-routing",
+            $"Trace a MixLoRA adapter's routing over a conversation (and greedy continuation): per token and layer the experts and " +
+            $"weights, with privilege labels, in {TraceFileName}, and a token x layer heatmap of the top expert in {HeatmapFileName}.")
+        {
+            model, adapter, chat, output, policy, snapshot, template, generate, ignoreEos, device, dtype,
+        };
+        cmd.Validators.Add(r =>
+        {
+            if (r.GetValue(generate) < 0) r.AddError("--generate must be 0 or more");
+        });
+        cmd.SetAction(p =>
+        {
+            // Everything that can be checked without the model is checked first: bad input fails fast and writes nothing.
+            string adapterDir = p.GetValue(adapter)!, outDir = p.GetValue(output)!;
+            var messages = ChatFile.Load(p.GetValue(chat)!);
+            if (AdapterDirectory.Detect(adapterDir) != AdapterKind.MixLora)
+                throw new LoraMixException($"{adapterDir} is a LoRA adapter, but inspect-routing needs a MixLoRA adapter (peft_type MIXLORA): " +
+                                           "plain LoRA has no router. Train one with adapter type mixlora (see examples/).");
+            var config = MixLoraConfig.Load(Path.Combine(adapterDir, MixLoraAdapters.ConfigFileName));
+            var policyOverride = ResolvePolicy(config, p.GetValue(policy), p.GetValue(snapshot));
+            if (File.Exists(outDir)) throw new LoraMixException($"--out {outDir} is a file; give a directory");
+            var dev = TorchRuntime.ParseDevice(p.GetValue(device)!);
+            var dt = TorchRuntime.ParseDType(p.GetValue(dtype)!);
+
+            using var engine = ChatEngine.Load(p.GetValue(model)!, new EngineOptions
+            {
+                Device = dev, DType = dt, Adapters = [adapterDir], Template = p.GetValue(template),
+            });
+            var result = engine.TraceRouting(messages, policyOverride, p.GetValue(generate), stopAtStopTokens: !p.GetValue(ignoreEos));
+
+            byte[] json = result.ToJson();
+            string tracePath = Path.GetFullPath(Path.Combine(outDir, TraceFileName));
+            string pngPath = Path.GetFullPath(Path.Combine(outDir, HeatmapFileName));
+            RoutingHeatmap.Write(pngPath, result.TopExperts(), result.NumExperts, result.Tokens.Select(t => t.Piece).ToList(),
+                result.Tokens.Select(t => t.Privilege).ToList(), $"routing: top expert per token and layer ({result.PolicyDescription})");
+            AtomicFile.Write(tracePath, s => s.Write(json));
+
+            var o = p.InvocationConfiguration.Output;
+            string source = policyOverride is null ? "the adapter's router_policy" : "from the command line";
+            o.WriteLine($"{result.Tokens.Count} tokens ({result.PromptTokens} prompt + {result.GeneratedTokens} generated" +
+                        (result.FinishReason == FinishReason.Stop ? ", stopped at a stop token" : "") +
+                        $"), {result.LayerIndices.Count} MoE layers, {result.NumExperts} experts");
+            o.WriteLine($"router policy: {result.PolicyDescription} ({source})");
+            o.WriteLine(result.FirstUntrustedPosition >= 0
+                ? $"first untrusted token: {result.FirstUntrustedPosition}" +
+                  (result.Policy is PrivilegedRouterPolicy ? " (routing frozen from there on)" : "")
+                : "no untrusted token (no tool or data message)");
+            o.WriteLine($"wrote {tracePath}");
+            o.WriteLine($"wrote {pngPath}");
+            return 0;
+        });
+        return cmd;
+    }
+
+    /// <summary>The policy the command line asks for, or null to keep the adapter's <c>router_policy</c>. The snapshot
+    /// defaults to the adapter's when it is privileged, else <c>last</c>.</summary>
+    internal static IRouterPolicy? ResolvePolicy(MixLoraConfig config, string? policy, string? snapshot)
+    {
+        if (policy is null && snapshot is null) return null;
+        string name = policy ?? config.RouterPolicy;
+        if (name != MixLoraConfig.PrivilegedPolicy && snapshot is not null)
+            throw new ArgumentException($"--privileged-snapshot applies to the privileged policy only, but the policy is '{name}'; " +
+                                        "add --router-policy privileged");
+        string snap = snapshot ?? (name == MixLoraConfig.PrivilegedPolicy && config.RouterPolicy == MixLoraConfig.PrivilegedPolicy
+            ? config.PrivilegedSnapshot : MixLoraConfig.LastSnapshot);
+        return (config with { RouterPolicy = name, PrivilegedSnapshot = snap }).CreatePolicy();
+    }
+}
