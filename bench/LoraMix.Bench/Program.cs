@@ -11,9 +11,12 @@ using static TorchSharp.torch;
 //   dotnet run -c Release --project bench/LoraMix.Bench -- train [--quick]    LoRA training step: tokens/s, MFU
 //   dotnet run -c Release --project bench/LoraMix.Bench -- mixlora [--quick] [--json PATH]
 //                                                     MixLoRA (sparse, dense) vs LoRA: training step per token, decode tokens/s
+//   dotnet run -c Release --project bench/LoraMix.Bench -- router-attack [--quick] [--json PATH]
+//                                                     router attack success under free / privileged routing (issue 6)
 bool quick = args.Contains("--quick");
 bool trainMode = args.Contains("train");
 bool mixMode = args.Contains("mixlora");
+bool attackMode = args.Contains("router-attack");
 int jsonAt = Array.IndexOf(args, "--json");
 string? jsonPath = jsonAt >= 0 && jsonAt + 1 < args.Length ? args[jsonAt + 1] : null;
 if (jsonAt >= 0 && jsonPath is null) { Console.Error.WriteLine("--json needs a file path"); return; }
@@ -23,6 +26,12 @@ LoraMix.Torch.TorchRuntime.EnsureLoaded();
 bool tuned = !args.Contains("--no-allocator-tuning") && LoraMix.Torch.TorchRuntime.TuneNativeAllocator();
 Console.WriteLine($"native allocator tuning (mallopt): {(tuned ? "on" : "off")}");
 Console.WriteLine($"libtorch {torch.__version__}, threads {torch.get_num_threads()}, {Environment.ProcessorCount} cores, {DateTime.UtcNow:yyyy-MM-dd}");
+
+if (attackMode)   // no timing against a matmul peak: it measures attack success, not speed
+{
+    LoraMix.Bench.RouterAttackBench.Run(quick, jsonPath);
+    return;
+}
 
 double Best(int reps, Action run)
 {
