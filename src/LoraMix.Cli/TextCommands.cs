@@ -83,26 +83,29 @@ internal static class TextCommands
             int[]? given = p.GetValue(promptIds) is { } idText ? ModelCommands.ParseIds(idText, "--prompt-ids") : null;
             var messages = p.GetValue(chat) is { } chatFile ? ChatFile.Load(chatFile) : null;
             using var engine = sampling.LoadEngine(p, p.GetValue(model)!);
-            int[] ids = given
-                ?? (messages is not null ? engine.RenderForGeneration(messages).Ids : engine.EncodePrompt(p.GetValue(prompt)!));
+            // A chat keeps its privilege labels (MixLoRA routing under router_policy); raw prompts are plain ids.
+            var rendered = given is null && messages is not null ? engine.RenderForGeneration(messages) : null;
+            int[] ids = given ?? rendered?.Ids ?? engine.EncodePrompt(p.GetValue(prompt)!);
+            EngineResult Run(Action<string>? onText) =>
+                rendered is not null ? engine.Generate(rendered, options, onText) : engine.Generate(ids, options, onText);
             var output = p.InvocationConfiguration.Output;
             var error = p.InvocationConfiguration.Error;
             EngineResult result;
             if (p.GetValue(printIds))
             {
-                result = engine.Generate(ids, options);
+                result = Run(null);
                 output.WriteLine(string.Join(' ', result.Ids));
                 return 0;
             }
             if (engine.HasTokenizer)
             {
-                result = engine.Generate(ids, options, text => { output.Write(text); output.Flush(); });
+                result = Run(text => { output.Write(text); output.Flush(); });
                 output.WriteLine();
             }
             else
             {
                 // No tokenizer: stream ids as they are produced.
-                result = engine.Generate(ids, options);
+                result = Run(null);
                 output.WriteLine(string.Join(' ', result.Ids));
             }
             error.WriteLine($"[{result.PromptTokens} prompt tokens, {result.Ids.Count} generated, finish: {result.FinishReason.ToString().ToLowerInvariant()}]");

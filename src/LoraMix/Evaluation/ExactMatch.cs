@@ -31,7 +31,7 @@ public static class ExactMatchEvaluator
         ArgumentNullException.ThrowIfNull(engine);
         ArgumentNullException.ThrowIfNull(records);
         var scored = records.Where(r => r.Messages is not null && r.ExpectedAnswer is not null).ToList();
-        var prompts = scored.Select(r => engine.RenderForGeneration(r.PromptMessages).Ids).ToList();
+        var prompts = scored.Select(r => engine.RenderForGeneration(r.PromptMessages)).ToList();
         var options = new GenerationOptions { MaxNewTokens = maxNewTokens, Temperature = 0 };
         var outputs = engine.GenerateBatch(prompts, options, batchSize, done => progress?.Invoke(done, scored.Count), cancellationToken);
         var samples = new List<ExactMatchSample>(scored.Count);

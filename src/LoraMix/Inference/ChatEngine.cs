@@ -139,25 +139,44 @@ public sealed class ChatEngine : IDisposable
     public RenderedChat RenderForGeneration(IReadOnlyList<ChatMessage> messages) =>
         Renderer.Render(messages, new ChatRenderOptions { AddGenerationPrompt = true });
 
-    /// <summary>Generates from token ids, streaming decoded text to <paramref name="onText"/> as it becomes valid UTF-8.</summary>
+    /// <summary>Generates from token ids, streaming decoded text to <paramref name="onText"/> as it becomes valid UTF-8.
+    /// Raw ids carry no privilege labels: a MixLoRA adapter with <c>router_policy: privileged</c> refuses them (use
+    /// <see cref="Generate(RenderedChat, GenerationOptions, Action{string}?, CancellationToken)"/> or <see cref="Chat"/>).</summary>
     public EngineResult Generate(IReadOnlyList<int> promptIds, GenerationOptions options, Action<string>? onText = null,
         CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(promptIds);
+        return GenerateOne(promptIds, null, options, onText, cancellationToken);
+    }
+
+    /// <summary>Generates from a rendered chat: its privilege labels travel with the ids into a <see cref="RoutingContext"/>,
+    /// so a MixLoRA adapter routes under its configured <c>router_policy</c> (frozen from the first untrusted token under
+    /// <c>privileged</c>), in the prefill and in every decoding step.</summary>
+    public EngineResult Generate(RenderedChat chat, GenerationOptions options, Action<string>? onText = null,
+        CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(chat);
+        return GenerateOne(chat.Ids, chat.Privileges, options, onText, cancellationToken);
+    }
+
+    private EngineResult GenerateOne(IReadOnlyList<int> promptIds, IReadOnlyList<Privilege>? privileges, GenerationOptions options,
+        Action<string>? onText, CancellationToken cancellationToken)
+    {
         var effective = options with { StopTokenIds = [.. options.StopTokenIds.Union(options.StopAtEos ? StopTokenIds : [])] };
         _modelThread.Wait(cancellationToken);
         try
         {
             var stream = _tokenizer?.CreateStreamDecoder(skipSpecialTokens: true);
             var text = new System.Text.StringBuilder();
-            var result = new TokenGenerator(Model).Generate(promptIds, effective, id =>
+            using var routing = privileges is null ? null : new RoutingContext();
+            var result = new TokenGenerator(Model).Generate([promptIds], effective, routing, privileges is null ? null : [privileges], (_, id) =>
             {
                 if (stream is null) return;
                 string piece = stream.Push(id);
                 if (piece.Length == 0) return;
                 text.Append(piece);
                 onText?.Invoke(piece);
-            }, cancellationToken);
+            }, cancellationToken)[0];
             if (stream is not null)
             {
                 string rest = stream.Flush();
@@ -173,12 +192,28 @@ public sealed class ChatEngine : IDisposable
 
     /// <summary>
     /// Generates for several prompts at once (left-padded batches of <paramref name="batchSize"/>, prompts of similar
-    /// length together) and returns the decoded texts in input order, special tokens skipped.
+    /// length together) and returns the decoded texts in input order, special tokens skipped. Raw ids carry no
+    /// privilege labels (see <see cref="Generate(IReadOnlyList{int}, GenerationOptions, Action{string}?, CancellationToken)"/>).
     /// </summary>
     public IReadOnlyList<EngineResult> GenerateBatch(IReadOnlyList<int[]> prompts, GenerationOptions options, int batchSize = 16,
         Action<int>? onDone = null, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(prompts);
+        return GenerateMany(prompts, null, options, batchSize, onDone, cancellationToken);
+    }
+
+    /// <summary>Generates for several rendered chats at once (as the ids overload), each with its privilege labels in
+    /// the batch's <see cref="RoutingContext"/>.</summary>
+    public IReadOnlyList<EngineResult> GenerateBatch(IReadOnlyList<RenderedChat> chats, GenerationOptions options, int batchSize = 16,
+        Action<int>? onDone = null, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(chats);
+        return GenerateMany(chats.Select(c => c.Ids).ToList(), chats.Select(c => c.Privileges).ToList(), options, batchSize, onDone, cancellationToken);
+    }
+
+    private EngineResult[] GenerateMany(IReadOnlyList<int[]> prompts, IReadOnlyList<Privilege[]>? privileges, GenerationOptions options,
+        int batchSize, Action<int>? onDone, CancellationToken cancellationToken)
+    {
         ArgumentOutOfRangeException.ThrowIfLessThan(batchSize, 1);
         var effective = options with { StopTokenIds = [.. options.StopTokenIds.Union(options.StopAtEos ? StopTokenIds : [])] };
         var results = new EngineResult[prompts.Count];
@@ -190,7 +225,9 @@ public sealed class ChatEngine : IDisposable
             int done = 0;
             foreach (var chunk in order.Chunk(batchSize))
             {
-                var outs = generator.Generate(chunk.Select(i => (IReadOnlyList<int>)prompts[i]).ToList(), effective, null, cancellationToken);
+                using var routing = privileges is null ? null : new RoutingContext();
+                var outs = generator.Generate(chunk.Select(i => (IReadOnlyList<int>)prompts[i]).ToList(), effective, routing,
+                    privileges is null ? null : chunk.Select(i => (IReadOnlyList<Privilege>)privileges[i]).ToList(), null, cancellationToken);
                 for (int j = 0; j < chunk.Length; j++)
                 {
                     var o = outs[j];
@@ -208,10 +245,10 @@ public sealed class ChatEngine : IDisposable
         }
     }
 
-    /// <summary>Generates the assistant's reply to a conversation.</summary>
+    /// <summary>Generates the assistant's reply to a conversation (rendered with its privilege labels).</summary>
     public EngineResult Chat(IReadOnlyList<ChatMessage> messages, GenerationOptions options, Action<string>? onText = null,
         CancellationToken cancellationToken = default) =>
-        Generate(RenderForGeneration(messages).Ids, options, onText, cancellationToken);
+        Generate(RenderForGeneration(messages), options, onText, cancellationToken);
 
     /// <summary>
     /// Runs a conversation through the MixLoRA adapter with a <see cref="RoutingTrace"/>: the rendered chat (with the

@@ -231,4 +231,32 @@ public sealed class InspectRoutingTests : IDisposable
         var e = Assert.Throws<LoraMixException>(() => engine.TraceRouting(Conversation("blue")));
         Assert.Contains("MixLoRA", e.Message);
     }
+
+    /// <summary>The one engine serves a privileged adapter: a chat's privilege labels travel into generation (the CLI's
+    /// generate --chat and ChatEngine.Chat/GenerateBatch), and the result is what the generator gives through a routing
+    /// context with the renderer's labels and the privileged policy; raw ids without labels are refused.</summary>
+    [Fact]
+    public void ThePrivilegedAdapterGeneratesThroughTheEngineWithTheRenderersLabels()
+    {
+        var options = new GenerationOptions { MaxNewTokens = 6, Temperature = 0, StopAtEos = false };
+        using var engine = ChatEngine.Load(_model, new EngineOptions { Adapters = [_adapter] });
+        var messages = Conversation("blue car, red door");
+        var chat = engine.RenderForGeneration(messages);
+        var viaChat = engine.Chat(messages, options);
+        var viaBatch = engine.GenerateBatch([chat, engine.RenderForGeneration(Conversation("x"))], options)[0];
+
+        // independent path: the generator with an explicit routing context, labels and policy
+        using var routing = new LoraMix.Routing.RoutingContext { Policy = LoraMix.Routing.PrivilegedRouterPolicy.Pooled };
+        var direct = new TokenGenerator(engine.Model).Generate(chat, options, routing);
+        Assert.Equal(direct.Tokens, viaChat.Ids);
+        Assert.Equal(direct.Tokens, viaBatch.Ids);
+
+        var raw = Assert.Throws<InvalidOperationException>(() => engine.Generate(chat.Ids, options));
+        Assert.Contains("privilege labels", raw.Message);
+
+        var r = Run("generate", "--model", _model, "--adapter", _adapter, "--chat", ChatFile("gen.json", "blue car, red door"),
+            "--max-new-tokens", "6", "--temperature", "0", "--ignore-eos", "--print-ids");
+        Assert.True(r.Code == 0, r.Err + r.Out);
+        Assert.Equal(string.Join(' ', direct.Tokens), r.Out.Trim());
+    }
 }
