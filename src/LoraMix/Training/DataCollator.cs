@@ -1,15 +1,19 @@
+using LoraMix.Routing;
+using LoraMix.Tokenization;
 using static TorchSharp.torch;
 
 namespace LoraMix.Training;
 
-/// <summary>A padded batch on the model's device: ids [B, T] and labels [B, T] (-100 where no loss is taken).</summary>
+/// <summary>A padded batch on the model's device: ids [B, T], labels [B, T] (-100 where no loss is taken) and, when an
+/// example carries them, privilege labels [B, T].</summary>
 public sealed class CollatedBatch : IDisposable
 {
     /// <summary>The label value that cross-entropy ignores (PyTorch's and Hugging Face's convention).</summary>
     public const long IgnoreIndex = -100;
 
-    internal CollatedBatch(Tensor inputIds, Tensor labels, int targetTokens, int realTokens, int[] lengths)
+    internal CollatedBatch(Tensor inputIds, Tensor labels, int targetTokens, int realTokens, int[] lengths, Tensor? privileges = null)
     {
+        Privileges = privileges;
         Lengths = lengths;
         InputIds = inputIds;
         Labels = labels;
@@ -23,6 +27,19 @@ public sealed class CollatedBatch : IDisposable
     /// <summary>[B, T] int64, aligned with <see cref="InputIds"/> (not shifted): <c>Labels[b, t]</c> is the target predicted
     /// from positions &lt; t, or <see cref="IgnoreIndex"/>. Position 0 is always ignored.</summary>
     public Tensor Labels { get; }
+
+    /// <summary>[B, T] uint8 values of <see cref="Privilege"/>, aligned with <see cref="InputIds"/> (right-padded like them),
+    /// or null when no example of the batch has privilege labels. Padding, and the rows of examples without labels, are
+    /// <see cref="Privilege.System"/> (never frozen; padding is excluded from the losses anyway).</summary>
+    public Tensor? Privileges { get; }
+
+    /// <summary>Gives <paramref name="routing"/> this batch's privilege labels (for <c>router_policy: privileged</c>),
+    /// when it has any; the batch keeps ownership.</summary>
+    public void ApplyPrivileges(RoutingContext routing)
+    {
+        ArgumentNullException.ThrowIfNull(routing);
+        if (Privileges is not null) routing.PrivilegeLabels = Privileges;
+    }
 
     /// <summary>Number of labels that are not <see cref="IgnoreIndex"/> (the loss is averaged over these).</summary>
     public int TargetTokens { get; }
@@ -51,6 +68,7 @@ public sealed class CollatedBatch : IDisposable
     {
         InputIds.Dispose();
         Labels.Dispose();
+        Privileges?.Dispose();
     }
 }
 
@@ -63,7 +81,10 @@ public sealed class CollatedBatch : IDisposable
 /// all real, and padded positions carry no label — so a padded batch's loss equals the sum of its examples' losses
 /// (tested). Packing concatenates consecutive examples (after truncation) while they fit in <c>cutoff_len</c>; tokens
 /// of a packed sequence can attend to earlier examples of the same sequence (as LLaMA-Factory's <c>packing</c> and
-/// axolotl without flash-attention varlen), and the first token of each example is never a target.
+/// axolotl without flash-attention varlen), and the first token of each example is never a target. Privilege labels are
+/// truncated and concatenated with the ids (examples without labels count as <see cref="Privilege.System"/>); note that
+/// under <c>router_policy: privileged</c> an untrusted token freezes the routing of the rest of its packed sequence, so
+/// the trainer refuses packing with that policy when the data has untrusted tokens.
 /// </remarks>
 public sealed class DataCollator
 {
@@ -90,7 +111,8 @@ public sealed class DataCollator
         var kept = new List<TrainingExample>();
         foreach (var e in examples)
         {
-            var t = e.InputIds.Length <= CutoffLength ? e : new TrainingExample(e.InputIds[..CutoffLength], e.LossMask[..CutoffLength]);
+            var t = e.InputIds.Length <= CutoffLength ? e
+                : new TrainingExample(e.InputIds[..CutoffLength], e.LossMask[..CutoffLength], e.Privileges?[..CutoffLength]);
             if (t.TargetCount == 0) { dropped++; continue; }
             kept.Add(t);
         }
@@ -99,23 +121,31 @@ public sealed class DataCollator
         var packed = new List<TrainingExample>();
         var ids = new List<int>();
         var mask = new List<bool>();
+        var privileges = new List<Privilege>();
+        bool anyPrivileges = false;
+        void Flush()
+        {
+            packed.Add(new TrainingExample(ids.ToArray(), mask.ToArray(), anyPrivileges ? privileges.ToArray() : null));
+            ids.Clear();
+            mask.Clear();
+            privileges.Clear();
+            anyPrivileges = false;
+        }
         foreach (var e in kept)
         {
-            if (ids.Count > 0 && ids.Count + e.InputIds.Length > CutoffLength)
-            {
-                packed.Add(new TrainingExample(ids.ToArray(), mask.ToArray()));
-                ids.Clear();
-                mask.Clear();
-            }
+            if (ids.Count > 0 && ids.Count + e.InputIds.Length > CutoffLength) Flush();
             ids.AddRange(e.InputIds);
             mask.Add(false);   // the first token of an example is not predicted from the previous example
             mask.AddRange(e.LossMask.Skip(1));
+            if (e.Privileges is not null) anyPrivileges = true;
+            privileges.AddRange(e.Privileges ?? Enumerable.Repeat(Privilege.System, e.InputIds.Length));
         }
-        if (ids.Count > 0) packed.Add(new TrainingExample(ids.ToArray(), mask.ToArray()));
+        if (ids.Count > 0) Flush();
         return packed;
     }
 
-    /// <summary>Pads <paramref name="examples"/> on the right to the longest one and builds labels.</summary>
+    /// <summary>Pads <paramref name="examples"/> on the right to the longest one and builds labels (and privilege labels
+    /// when an example has them).</summary>
     public CollatedBatch Collate(IReadOnlyList<TrainingExample> examples, Device? device = null)
     {
         if (examples.Count == 0) throw new ArgumentException("cannot collate an empty batch", nameof(examples));
@@ -124,11 +154,19 @@ public sealed class DataCollator
             throw new ArgumentException($"an example has {len} tokens, more than cutoff_len {CutoffLength}; call Prepare first", nameof(examples));
         var ids = new long[examples.Count * len];
         var labels = new long[examples.Count * len];
+        bool withPrivileges = examples.Any(e => e.Privileges is not null);
+        var privileges = withPrivileges ? new byte[examples.Count * len] : null;
+        if (privileges is not null) Array.Fill(privileges, (byte)Privilege.System);   // padding and unlabelled rows
         int targets = 0, real = 0;
         for (int b = 0; b < examples.Count; b++)
         {
             var e = examples[b];
             if (e.InputIds.Length != e.LossMask.Length) throw new ArgumentException($"example {b}: ids and loss mask differ in length", nameof(examples));
+            if (e.Privileges is { } p)
+            {
+                if (p.Length != e.InputIds.Length) throw new ArgumentException($"example {b}: ids and privilege labels differ in length", nameof(examples));
+                for (int t = 0; t < p.Length; t++) privileges![b * len + t] = (byte)p[t];
+            }
             int o = b * len;
             for (int t = 0; t < len; t++)
             {
@@ -142,7 +180,8 @@ public sealed class DataCollator
         }
         var dev = device ?? CPU;
         return new CollatedBatch(tensor(ids, [examples.Count, len], ScalarType.Int64).to(dev),
-            tensor(labels, [examples.Count, len], ScalarType.Int64).to(dev), targets, real, [.. examples.Select(e => e.InputIds.Length)]);
+            tensor(labels, [examples.Count, len], ScalarType.Int64).to(dev), targets, real, [.. examples.Select(e => e.InputIds.Length)],
+            privileges is null ? null : tensor(privileges, [examples.Count, len], ScalarType.Byte).to(dev));
     }
 }
 

@@ -1,6 +1,8 @@
 using System.Diagnostics;
 using System.Text.Json.Nodes;
+using LoraMix.Adapters.MixLora;
 using LoraMix.Modeling;
+using LoraMix.Routing;
 using static TorchSharp.torch;
 
 namespace LoraMix.Training;
@@ -96,6 +98,8 @@ public sealed partial class Trainer
         int vocab = Model.Config.VocabSize;
         for (int i = 0; i < trainExamples.Count; i++) trainExamples[i].Validate(i, vocab, "training data");
         for (int i = 0; i < (validationExamples?.Count ?? 0); i++) validationExamples![i].Validate(i, vocab, "validation data");
+        CheckPackingWithPrivilegedRouting(trainExamples);
+        if (validationExamples is not null) CheckPackingWithPrivilegedRouting(validationExamples);
         var train = _collator.Prepare(trainExamples, out int droppedTrain);
         var valid = validationExamples is null ? [] : _collator.Prepare(validationExamples, out _);
         if (train.Count == 0)
@@ -299,11 +303,26 @@ public sealed partial class Trainer
     public EvalMetrics Evaluate(IReadOnlyList<TrainingExample> examples)
     {
         for (int i = 0; i < examples.Count; i++) examples[i].Validate(i, Model.Config.VocabSize, "evaluation data");
+        CheckPackingWithPrivilegedRouting(examples);
         var prepared = _collator.Prepare(examples, out _);
         if (prepared.Count == 0) throw new LoraMixException("no evaluation example has a target token within cutoff_len");
         bool wasTraining = Model.training;
         try { return EvaluatePrepared(prepared, 0, 0); }
         finally { Model.train(wasTraining); }
+    }
+
+    /// <summary>
+    /// Packing and <c>router_policy: privileged</c> do not mix when the data has untrusted tokens: the first untrusted
+    /// token of a packed sequence would freeze the routing of every later example packed behind it, which no inference
+    /// ever sees. Refused with a clear error rather than trained wrongly.
+    /// </summary>
+    private void CheckPackingWithPrivilegedRouting(IReadOnlyList<TrainingExample> examples)
+    {
+        if (!_options.Packing || !examples.Any(e => e.HasUntrusted)) return;
+        bool privileged = MixLoraAdapters.Blocks(Model).Any(b => b.ActiveAdapter is { } a && b.GetAdapter(a).Policy is PrivilegedRouterPolicy);
+        if (privileged)
+            throw new LoraMixException("packing is not supported with router_policy \"privileged\" when the data has untrusted ('data') messages: " +
+                                       "an untrusted token would freeze the routing of the examples packed after it; set packing: false");
     }
 
     private EvalMetrics EvaluatePrepared(IReadOnlyList<TrainingExample> data, int step, double epoch)

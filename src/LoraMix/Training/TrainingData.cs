@@ -9,7 +9,8 @@ public sealed record RenderedRecord(DatasetRecord Record, TrainingExample Exampl
 /// <summary>
 /// Turns dataset records into training examples with the one chat renderer: conversations are rendered with the chat
 /// template and take their loss mask from <see cref="RenderedChat.LossMask"/> (assistant content and its end-of-turn
-/// token), or every token with <c>train_on_prompt</c>; plain texts are encoded with BOS (when the tokenizer's config adds
+/// token), or every token with <c>train_on_prompt</c>, and their privilege labels from <see cref="RenderedChat.Privileges"/>
+/// (for <c>router_policy: privileged</c>); plain texts are encoded with BOS (when the tokenizer's config adds
 /// one) and EOS (when the tokenizer has one), every token a target.
 /// </summary>
 public static class TrainingData
@@ -23,7 +24,7 @@ public static class TrainingData
         {
             var rendered = renderer.Render(messages);
             bool[] mask = trainOnPrompt ? Enumerable.Repeat(true, rendered.Length).ToArray() : rendered.LossMask;
-            return new TrainingExample(rendered.Ids, mask);
+            return new TrainingExample(rendered.Ids, mask, rendered.Privileges);
         }
         var tok = renderer.Tokenizer;
         var ids = new List<int>();

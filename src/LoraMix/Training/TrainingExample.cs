@@ -1,12 +1,20 @@
+using LoraMix.Tokenization;
+
 namespace LoraMix.Training;
 
 /// <summary>
 /// One tokenized training sequence. <see cref="LossMask"/>[t] is true where token t is a target: the loss at position t
 /// predicts <c>InputIds[t]</c> from <c>InputIds[..t]</c> (the shift happens inside the objective), so <c>LossMask[0]</c>
 /// never contributes. Dataset readers and chat rendering produce these; the trainer consumes them.
+/// <see cref="Privileges"/> holds the chat renderer's per-token privilege labels (<see cref="RenderedChat.Privileges"/>),
+/// aligned with <see cref="InputIds"/>, for adapters with <c>router_policy: privileged</c>; it is null for plain text and
+/// raw ids (such a row is routed freely: every token counts as privileged).
 /// </summary>
-public sealed record TrainingExample(int[] InputIds, bool[] LossMask)
+public sealed record TrainingExample(int[] InputIds, bool[] LossMask, Privilege[]? Privileges = null)
 {
+    /// <summary>Whether any token is labelled <see cref="Privilege.Untrusted"/>.</summary>
+    public bool HasUntrusted => Privileges is not null && Array.IndexOf(Privileges, Privilege.Untrusted) >= 0;
+
     /// <summary>An example whose every token after the first is a target (plain-text / pre-training data).</summary>
     public static TrainingExample AllTargets(int[] inputIds) => new(inputIds, Enumerable.Repeat(true, inputIds.Length).ToArray());
 
@@ -28,6 +36,8 @@ public sealed record TrainingExample(int[] InputIds, bool[] LossMask)
             throw new LoraMixException($"{source}: example {index}: InputIds and LossMask must not be null");
         if (InputIds.Length != LossMask.Length)
             throw new LoraMixException($"{source}: example {index}: {InputIds.Length} input ids but {LossMask.Length} loss-mask entries; they must have the same length");
+        if (Privileges is not null && Privileges.Length != InputIds.Length)
+            throw new LoraMixException($"{source}: example {index}: {InputIds.Length} input ids but {Privileges.Length} privilege labels; they must have the same length");
         if (InputIds.Length == 0)
             throw new LoraMixException($"{source}: example {index} is empty");
         for (int t = 0; t < InputIds.Length; t++)

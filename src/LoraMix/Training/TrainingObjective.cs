@@ -1,4 +1,5 @@
 using LoraMix.Modeling;
+using LoraMix.Routing;
 using static TorchSharp.torch;
 
 namespace LoraMix.Training;
@@ -27,14 +28,20 @@ public interface ITrainingObjective
 
 /// <summary>
 /// Next-token cross-entropy on the labelled positions: logits at position t−1 against <c>Labels[t]</c>, computed in fp32,
-/// summed (positions labelled -100 are ignored).
+/// summed (positions labelled -100 are ignored). When the batch has privilege labels they go to the forward's routing
+/// context, so a mixture adapter with <c>router_policy: privileged</c> trains under its policy here too.
 /// </summary>
 public sealed class CausalLmObjective : ITrainingObjective
 {
     public static CausalLmObjective Instance { get; } = new();
 
-    public ObjectiveOutput Compute(LlamaForCausalLM model, CollatedBatch batch, bool training) =>
-        new(ShiftedCrossEntropySum(model.Forward(batch.InputIds), batch.Labels));
+    public ObjectiveOutput Compute(LlamaForCausalLM model, CollatedBatch batch, bool training)
+    {
+        if (batch.Privileges is null) return new(ShiftedCrossEntropySum(model.Forward(batch.InputIds), batch.Labels));
+        using var routing = new RoutingContext();
+        batch.ApplyPrivileges(routing);
+        return new(ShiftedCrossEntropySum(model.Forward(batch.InputIds, routing: routing), batch.Labels));
+    }
 
     /// <summary>Σ CE(logits[:, t−1], labels[:, t]) over labels ≠ -100, in fp32 (a 0-d tensor).</summary>
     public static Tensor ShiftedCrossEntropySum(Tensor logits, Tensor labels)
