@@ -121,7 +121,7 @@ public sealed record TrainingRecipe
     [
         "routing_strategy", "num_experts", "top_k", "top_p", "temperature", "router_aux_loss_coef", "router_loss",
         "router_z_loss_coef", "router_init_range", "jitter_noise", "act_fn", "expert_capacity", "ffn_dropout", "sparse_step",
-        "lora_init", "expert_lora.r", "expert_lora.lora_alpha", "expert_lora.lora_dropout", "expert_lora.use_rslora",
+        "lora_init", "router_policy", "privileged_snapshot", "expert_lora.r", "expert_lora.lora_alpha", "expert_lora.lora_dropout", "expert_lora.use_rslora",
     ];
 
     /// <summary>Keys understood besides the trainer's (<see cref="TrainingOptions.Keys"/>).</summary>
@@ -391,6 +391,8 @@ public sealed record TrainingRecipe
             ExpertCapacity = doc.Int(p + "expert_capacity", d.ExpertCapacity),
             FfnDropout = doc.Double(p + "ffn_dropout", d.FfnDropout),
             SparseStep = OptInt("sparse_step"),
+            RouterPolicy = doc.String(p + "router_policy", d.RouterPolicy)!,
+            PrivilegedSnapshot = doc.String(p + "privileged_snapshot", d.PrivilegedSnapshot)!,
             BaseModelNameOrPath = model,
         };
         try { cfg.Validate(doc.Source + ": adapter"); }
