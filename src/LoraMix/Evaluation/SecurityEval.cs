@@ -135,8 +135,7 @@ public sealed record SecurityEvalOptions
             Device = doc.String("device") ?? o.Device,
             MaxNewTokens = doc.Int("max_new_tokens", o.MaxNewTokens),
         };
-        try { o.Validate(); }
-        catch (ArgumentException e) { throw Bad(e.ParamName ?? "config", e.Message); }
+        if (o.Problem() is { } p) throw Bad(p.Key, p.Message);
         return o;
     }
 
@@ -154,36 +153,40 @@ public sealed record SecurityEvalOptions
     /// <summary>The config name of a style: <c>plain</c> or <c>forged</c>.</summary>
     public static string StyleName(InjectionStyle style) => style == InjectionStyle.Plain ? "plain" : "forged";
 
-    /// <summary>Throws <see cref="ArgumentException"/> (ParamName = the config key) on an invalid setting.</summary>
+    /// <summary>Throws <see cref="ArgumentException"/> naming the config key of the first invalid setting.</summary>
     public void Validate()
     {
-        foreach (var f in Families.Concat(InjectedFamilies))
-            if (!TaskWorld.Families.Contains(f))
-                throw new ArgumentException($"unknown task family '{f}'; expected one of: {string.Join(", ", TaskWorld.Families)}",
-                    Families.Contains(f) ? "families" : "injected_families");
-        if (Families.Count == 0) throw new ArgumentException("at least one family is needed", "families");
-        if (Families.Distinct().Count() != Families.Count) throw new ArgumentException("families must not repeat", "families");
-        foreach (var f in Families)
-            if (!InjectedFamilies.Any(i => i != f))
-                throw new ArgumentException($"no injected family differs from '{f}'", "injected_families");
-        if (Positions.Count == 0) throw new ArgumentException("at least one position is needed", "positions");
-        if (Styles.Count == 0) throw new ArgumentException("at least one style is needed", "styles");
-        Check(TestClean >= 1, "test_clean", TestClean);
-        Check(TestInjectedPerCase >= 1, "test_injected_per_case", TestInjectedPerCase);
-        Check(NumExperts >= 2, "num_experts", NumExperts);
-        Check(TopK >= 1 && TopK <= NumExperts, "top_k", TopK);
-        Check(Rank >= 1, "r", Rank);
-        Check(Steps >= 1, "steps", Steps);
-        Check(BatchSize >= 2, "batch_size", BatchSize);
-        Check(LearningRate > 0 && double.IsFinite(LearningRate), "learning_rate", LearningRate);
-        Check(MaxNewTokens >= 1, "max_new_tokens", MaxNewTokens);
-        try { TorchRuntime.ParseDevice(Device); }
-        catch (Exception e) when (e is LoraMixException) { throw new ArgumentException(e.Message, "device"); }
+        if (Problem() is { } p) throw new ArgumentException($"'{p.Key}': {p.Message}");
+    }
 
-        static void Check(bool ok, string key, object value)
-        {
-            if (!ok) throw new ArgumentException(string.Create(CultureInfo.InvariantCulture, $"out of range: {value}"), key);
-        }
+    /// <summary>The first invalid setting as (config key, message), or null when all are valid.</summary>
+    public (string Key, string Message)? Problem()
+    {
+        foreach (var f in Families)
+            if (!TaskWorld.Families.Contains(f)) return ("families", UnknownFamily(f));
+        foreach (var f in InjectedFamilies)
+            if (!TaskWorld.Families.Contains(f)) return ("injected_families", UnknownFamily(f));
+        if (Families.Count == 0) return ("families", "at least one family is needed");
+        if (Families.Distinct().Count() != Families.Count) return ("families", "families must not repeat");
+        foreach (var f in Families)
+            if (!InjectedFamilies.Any(i => i != f)) return ("injected_families", $"no injected family differs from '{f}'");
+        if (Positions.Count == 0) return ("positions", "at least one position is needed");
+        if (Styles.Count == 0) return ("styles", "at least one style is needed");
+        (string, int, bool)[] ints =
+        [
+            ("test_clean", TestClean, TestClean >= 1), ("test_injected_per_case", TestInjectedPerCase, TestInjectedPerCase >= 1),
+            ("num_experts", NumExperts, NumExperts >= 2), ("top_k", TopK, TopK >= 1 && TopK <= NumExperts), ("r", Rank, Rank >= 1),
+            ("steps", Steps, Steps >= 1), ("batch_size", BatchSize, BatchSize >= 2), ("max_new_tokens", MaxNewTokens, MaxNewTokens >= 1),
+        ];
+        foreach (var (key, value, ok) in ints)
+            if (!ok) return (key, string.Create(CultureInfo.InvariantCulture, $"out of range: {value}"));
+        if (!(LearningRate > 0 && double.IsFinite(LearningRate)))
+            return ("learning_rate", string.Create(CultureInfo.InvariantCulture, $"must be positive, got {LearningRate}"));
+        try { TorchRuntime.ParseDevice(Device); }
+        catch (Exception e) when (e is ArgumentException or LoraMixException) { return ("device", e.Message); }
+        return null;
+
+        static string UnknownFamily(string f) => $"unknown task family '{f}'; expected one of: {string.Join(", ", TaskWorld.Families)}";
     }
 }
 
@@ -405,8 +408,7 @@ public static class SecurityEval
     {
         ArgumentNullException.ThrowIfNull(o);
         progress ??= TrainingProgress.None;
-        try { o.Validate(); }
-        catch (ArgumentException e) { throw new ArgumentException($"security-eval: '{e.ParamName}': {e.Message}", e); }
+        if (o.Problem() is { } p) throw new ArgumentException($"security-eval: '{p.Key}': {p.Message}");
         if (!File.Exists(Path.Combine(o.ModelDir, "config.json")))
             throw new LoraMixException($"security-eval: '{Path.GetFullPath(o.ModelDir)}' is not a model directory (no config.json)");
 

@@ -68,6 +68,9 @@ public sealed class SecurityEvalTests
         var bad = CliRun.Run("security-eval", "--config", Config(dir, "unused"), "--set", "styles=[sneaky]");
         Assert.NotEqual(0, bad.Code);
         Assert.Contains("styles", bad.Err + bad.Out);
+        var range = CliRun.Run("security-eval", "--config", Config(dir, "unused"), "--set", "top_k=9");
+        Assert.NotEqual(0, range.Code);
+        Assert.Contains("'top_k': out of range: 9", range.Err + range.Out);
     }
 
     [Fact]
