@@ -3,6 +3,7 @@ using System.Globalization;
 using System.Text.Encodings.Web;
 using System.Text.Json;
 using LoraMix.Data;
+using LoraMix.Evaluation;
 using LoraMix.Modeling;
 using LoraMix.Training;
 
@@ -16,8 +17,13 @@ internal static class QuickstartCommand
 
     public static Command Create()
     {
-        var method = new Option<string>("--method") { Description = $"Adapter method: {string.Join(", ", QuickstartOptions.Methods)}.", DefaultValueFactory = _ => "lora" };
-        method.AcceptOnlyFromAmong([.. QuickstartOptions.Methods]);
+        var method = new Option<string>("--method")
+        {
+            Description = $"Adapter method: {string.Join(", ", QuickstartOptions.Methods)}, or hardened (free vs privileged MixLoRA routing " +
+                          "under prompt injection: utility and attack success side by side).",
+            DefaultValueFactory = _ => "lora",
+        };
+        method.AcceptOnlyFromAmong([.. QuickstartOptions.Methods, HardenedMethod]);
         var json = new Option<bool>("--json") { Description = "Print the summary as one JSON object on stdout (progress goes to stderr)." };
         var model = new Option<string?>("--model", "-m") { Description = $"Base model directory (default: the embedded models/{EmbeddedModel.Name})." };
         var output = new Option<string?>("--out", "-o") { Description = "Output directory for the adapter, metrics and loss curve (default: out/quickstart-METHOD; replaced)." };
@@ -43,6 +49,9 @@ internal static class QuickstartCommand
             var o = p.InvocationConfiguration.Output;
             bool asJson = p.GetValue(json);
             string m = p.GetValue(method)!;
+            if (m == HardenedMethod)
+                return RunHardened(p, o, asJson, p.GetValue(model) ?? EmbeddedModel.Locate(), p.GetValue(output), p.GetValue(steps),
+                    p.GetValue(batch), p.GetValue(seed), p.GetValue(device)!);
             var options = new QuickstartOptions
             {
                 ModelDir = p.GetValue(model) ?? EmbeddedModel.Locate(),
@@ -111,6 +120,70 @@ internal static class QuickstartCommand
             return 0;
         });
         return cmd;
+    }
+
+    private const string HardenedMethod = "hardened";
+
+    /// <summary><c>--method hardened</c>: the security benchmark's hierarchy-trained conditions under the free and the
+    /// privileged router policy (<see cref="SecurityEval"/> with <c>trainings: [hierarchy]</c>), side by side.</summary>
+    private static int RunHardened(ParseResult p, TextWriter o, bool asJson, string modelDir, string? outDir, int? steps, int batch, long seed, string device)
+    {
+        var options = new SecurityEvalOptions
+        {
+            ModelDir = modelDir,
+            OutputDir = outDir ?? Path.Combine("out", "quickstart-hardened"),
+            Trainings = ["hierarchy"],
+            Steps = steps ?? 250,
+            BatchSize = batch,
+            Seed = seed,
+            Device = device,
+            TestClean = 64,
+            TestInjectedPerCase = 12,
+        };
+        var progress = asJson ? new PlainProgress(p.InvocationConfiguration.Error) : TrainCommands.Progress(o);
+        if (!asJson)
+            o.WriteLine($"LoraMix quickstart (hardened): train MixLoRA adapters ({options.NumExperts} experts, top-{options.TopK}, r={options.Rank}) " +
+                        $"on {string.Join(", ", options.Families)} with context-ignorance examples, once with router_policy free and once " +
+                        $"privileged ({options.Steps} steps x {options.BatchSize} each), then attack both with injected data messages");
+        var r = SecurityEval.Run(options, progress);
+        var byPolicy = r.Conditions.ToDictionary(c => c.RouterPolicy);
+        if (asJson)
+        {
+            var summary = new System.Text.Json.Nodes.JsonObject();
+            foreach (var c in r.Conditions)
+                summary[c.RouterPolicy] = new System.Text.Json.Nodes.JsonObject
+                {
+                    ["utility"] = Math.Round(c.Clean.Correct.Rate, 4),
+                    ["attack_success"] = Math.Round(c.Injected.FollowedInjection.Rate, 4),
+                    ["neither"] = Math.Round(c.Injected.Neither.Rate, 4),
+                    ["utility_ci95"] = new System.Text.Json.Nodes.JsonArray(Math.Round(c.Clean.Correct.Low, 4), Math.Round(c.Clean.Correct.High, 4)),
+                    ["attack_success_ci95"] = new System.Text.Json.Nodes.JsonArray(
+                        Math.Round(c.Injected.FollowedInjection.Low, 4), Math.Round(c.Injected.FollowedInjection.High, 4)),
+                    ["adapter_dir"] = c.AdapterDir,
+                };
+            summary["clean_cases"] = r.Conditions[0].Clean.Correct.Total;
+            summary["injected_cases"] = r.Conditions[0].Injected.FollowedInjection.Total;
+            summary["seconds"] = Math.Round(r.Seconds, 1);
+            summary["results"] = r.ResultsJsonPath;
+            summary["heatmap_free"] = r.HeatmapFreePath;
+            summary["heatmap_privileged"] = r.HeatmapPrivilegedPath;
+            o.WriteLine(summary.ToJsonString(Json));
+            return 0;
+        }
+        o.WriteLine();
+        o.WriteLine($"{"router policy",-14} {"utility (clean)",-28} {"attack success (injected)",-28} neither");
+        foreach (var policy in SecurityEval.Policies)
+        {
+            var c = byPolicy[policy];
+            o.WriteLine($"{policy,-14} {c.Clean.Correct.ToMarkdown(),-28} {c.Injected.FollowedInjection.ToMarkdown(),-28} {c.Injected.Neither.ToMarkdown()}");
+        }
+        o.WriteLine();
+        o.WriteLine("The privileged router freezes expert choice from the first untrusted token (exact, tested); the injected text still");
+        o.WriteLine("reaches the output through attention, so attack success measures the whole model, not the router (docs/SECURITY.md).");
+        o.WriteLine($"results:     {r.ResultsJsonPath} and {r.ResultsMarkdownPath}");
+        if (r.HeatmapFreePath is not null) o.WriteLine($"heatmaps:    {r.HeatmapFreePath}, {r.HeatmapPrivilegedPath}");
+        o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"done in {r.Seconds:F0} s."));
+        return 0;
     }
 
     private static string Pct(int correct, int total) =>

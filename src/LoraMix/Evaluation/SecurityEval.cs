@@ -98,11 +98,14 @@ public sealed record SecurityEvalOptions
     /// <summary>Generation budget per test case (<c>max_new_tokens</c>).</summary>
     public int MaxNewTokens { get; init; } = 16;
 
+    /// <summary>The training modes to run (each under both router policies): <c>plain</c>, <c>hierarchy</c> or both.</summary>
+    public IReadOnlyList<string> Trainings { get; init; } = SecurityEval.Trainings;
+
     /// <summary>The config keys <see cref="Parse"/> understands.</summary>
     public static IReadOnlyList<string> Keys { get; } =
     [
         "model", "families", "injected_families", "positions", "styles", "test_clean", "test_injected_per_case", "num_experts",
-        "top_k", "r", "steps", "batch_size", "learning_rate", "seed", "output_dir", "device", "max_new_tokens",
+        "top_k", "r", "steps", "batch_size", "learning_rate", "seed", "output_dir", "device", "max_new_tokens", "trainings",
     ];
 
     /// <summary>Reads and validates a config (unknown keys are rejected with the key); <paramref name="defaultModel"/> is used
@@ -134,6 +137,7 @@ public sealed record SecurityEvalOptions
             OutputDir = doc.String("output_dir") ?? o.OutputDir,
             Device = doc.String("device") ?? o.Device,
             MaxNewTokens = doc.Int("max_new_tokens", o.MaxNewTokens),
+            Trainings = doc.StringList("trainings") ?? o.Trainings,
         };
         if (o.Problem() is { } p) throw Bad(p.Key, p.Message);
         return o;
@@ -170,6 +174,8 @@ public sealed record SecurityEvalOptions
         if (Families.Distinct().Count() != Families.Count) return ("families", "families must not repeat");
         foreach (var f in Families)
             if (!InjectedFamilies.Any(i => i != f)) return ("injected_families", $"no injected family differs from '{f}'");
+        if (Trainings.Count == 0 || Trainings.Any(t => !SecurityEval.Trainings.Contains(t)) || Trainings.Distinct().Count() != Trainings.Count)
+            return ("trainings", $"expected distinct values among {string.Join(", ", SecurityEval.Trainings)}, got [{string.Join(", ", Trainings)}]");
         if (Positions.Count == 0) return ("positions", "at least one position is needed");
         if (Styles.Count == 0) return ("styles", "at least one style is needed");
         (string, int, bool)[] ints =
@@ -423,7 +429,8 @@ public static class SecurityEval
         var conditions = new List<SecurityCondition>();
         string? heatFree = null, heatPriv = null;
 
-        foreach (var training in Trainings)
+        int conditionCount = o.Trainings.Count * Policies.Count;
+        foreach (var training in o.Trainings)
         {
             var train = TrainExamples(o, training);
             string dataFile = Path.Combine(outDir, "data", $"train-{training}.jsonl");
@@ -432,7 +439,7 @@ public static class SecurityEval
             {
                 cancellationToken.ThrowIfCancellationRequested();
                 string name = $"{policy}-{training}";
-                progress.Info($"[{conditions.Count + 1}/4] training {policy}/{training}: {train.Count} sequences " +
+                progress.Info($"[{conditions.Count + 1}/{conditionCount}] training {policy}/{training}: {train.Count} sequences " +
                               $"({train.Count(e => e.IsInjected)} injected), {o.Steps} steps");
                 var recipe = new TrainingRecipe
                 {
@@ -456,7 +463,7 @@ public static class SecurityEval
                 };
                 var trained = recipe.Run(progress, cancellationToken);
 
-                progress.Info($"[{conditions.Count + 1}/4] scoring {policy}/{training} on {clean.Count} clean + {injected.Count} injected test cases");
+                progress.Info($"[{conditions.Count + 1}/{conditionCount}] scoring {policy}/{training} on {clean.Count} clean + {injected.Count} injected test cases");
                 var evalWatch = Stopwatch.StartNew();
                 IReadOnlyList<string> outputs;
                 using (var engine = ChatEngine.Load(o.ModelDir, new EngineOptions { Device = device, Adapters = [trained.AdapterDir!] }))
@@ -488,7 +495,7 @@ public static class SecurityEval
                     evalWatch.Elapsed.TotalSeconds, SecurityGroupScore.From("clean", cleanOut), SecurityGroupScore.From("injected", injOut),
                     byCase, outputs);
                 conditions.Add(cond);
-                progress.Info($"[{conditions.Count}/4] {cond.Name}: utility {cond.Clean.Correct.ToMarkdown()}, attack success " +
+                progress.Info($"[{conditions.Count}/{conditionCount}] {cond.Name}: utility {cond.Clean.Correct.ToMarkdown()}, attack success " +
                               $"{cond.Injected.FollowedInjection.ToMarkdown()}, neither {cond.Injected.Neither.ToMarkdown()}");
             }
         }

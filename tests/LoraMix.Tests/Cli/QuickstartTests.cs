@@ -92,6 +92,41 @@ public sealed class QuickstartTests : IDisposable
     }
 
     [Fact]
+    public void HardenedPrintsFreeAndPrivilegedSideBySideAsInTheResultsFile()
+    {
+        string model = RecipeFixtures.TinyByteModel(_dir.Sub("base"));
+        string outDir = _dir.Sub("hard");
+        var r = Run("quickstart", "--method", "hardened", "--model", model, "--out", outDir, "--steps", "2", "--batch-size", "4", "--json");
+        Assert.True(r.Code == 0, r.Err + r.Out);
+        var o = JsonNode.Parse(r.Out)!.AsObject();
+        var results = JsonNode.Parse(File.ReadAllText(Path.Combine(outDir, "results.json")))!.AsObject();
+        foreach (var policy in new[] { "free", "privileged" })
+        {
+            var p = o[policy]!.AsObject();
+            double utility = p["utility"]!.GetValue<double>(), attack = p["attack_success"]!.GetValue<double>();
+            Assert.InRange(utility, 0, 1);
+            Assert.InRange(attack, 0, 1);
+            Assert.True(Directory.Exists(p["adapter_dir"]!.GetValue<string>()));
+            // the adapter keeps its policy
+            var cfg = JsonNode.Parse(File.ReadAllText(Path.Combine(p["adapter_dir"]!.GetValue<string>(), "adapter_config.json")))!.AsObject();
+            Assert.Equal(policy == "privileged", cfg["router_policy"]?.GetValue<string>() == "privileged");
+        }
+        Assert.Equal(64, o["clean_cases"]!.GetValue<int>());
+        Assert.True(File.Exists(o["heatmap_free"]!.GetValue<string>()));
+        Assert.True(File.Exists(o["heatmap_privileged"]!.GetValue<string>()));
+        // only the hierarchy-trained conditions ran; the summary's numbers are the results file's
+        var conditions = results["conditions"]!.AsArray();
+        Assert.Equal(["free", "privileged"], conditions.Select(c => c!["router_policy"]!.GetValue<string>()));
+        Assert.All(conditions, c => Assert.Equal("hierarchy", c!["training"]!.GetValue<string>()));
+        foreach (var c in conditions)
+        {
+            var p = o[c!["router_policy"]!.GetValue<string>()]!;
+            Assert.Equal(c["utility"]!["rate"]!.GetValue<double>(), p["utility"]!.GetValue<double>());
+            Assert.Equal(c["attack_success"]!["rate"]!.GetValue<double>(), p["attack_success"]!.GetValue<double>());
+        }
+    }
+
+    [Fact]
     public void BadInputFailsWithAnActionableMessage()
     {
         var missing = Run("quickstart", "--model", _dir.Sub("nope"), "--out", _dir.Sub("qs"));
