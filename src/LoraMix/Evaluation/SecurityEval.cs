@@ -101,11 +101,17 @@ public sealed record SecurityEvalOptions
     /// <summary>The training modes to run (each under both router policies): <c>plain</c>, <c>hierarchy</c> or both.</summary>
     public IReadOnlyList<string> Trainings { get; init; } = SecurityEval.Trainings;
 
+    /// <summary>The third factor (<c>privilege_embedding</c>): for each value, every training × policy condition is run
+    /// without (false) or with (true) an ISE-style learned privilege embedding added to the token embeddings
+    /// (<see cref="MixLoraConfig.PrivilegeEmbedding"/>). Default: without only.</summary>
+    public IReadOnlyList<bool> PrivilegeEmbeddings { get; init; } = [false];
+
     /// <summary>The config keys <see cref="Parse"/> understands.</summary>
     public static IReadOnlyList<string> Keys { get; } =
     [
         "model", "families", "injected_families", "positions", "styles", "test_clean", "test_injected_per_case", "num_experts",
         "top_k", "r", "steps", "batch_size", "learning_rate", "seed", "output_dir", "device", "max_new_tokens", "trainings",
+        "privilege_embedding",
     ];
 
     /// <summary>Reads and validates a config (unknown keys are rejected with the key); <paramref name="defaultModel"/> is used
@@ -138,6 +144,9 @@ public sealed record SecurityEvalOptions
             Device = doc.String("device") ?? o.Device,
             MaxNewTokens = doc.Int("max_new_tokens", o.MaxNewTokens),
             Trainings = doc.StringList("trainings") ?? o.Trainings,
+            PrivilegeEmbeddings = doc.IsList("privilege_embedding")
+                ? [.. doc.StringList("privilege_embedding")!.Select(v => ParseBool(v, Bad))]
+                : doc.String("privilege_embedding") is { } one ? [ParseBool(one, Bad)] : o.PrivilegeEmbeddings,
         };
         if (o.Problem() is { } p) throw Bad(p.Key, p.Message);
         return o;
@@ -146,6 +155,13 @@ public sealed record SecurityEvalOptions
     private static T ParseEnum<T>(string s, string key, Func<string, string, ConfigFileException> bad) where T : struct, Enum =>
         Enum.TryParse<T>(s, ignoreCase: true, out var v) && Enum.IsDefined(v) ? v
             : throw bad(key, $"unknown value '{s}'; expected one of {string.Join(", ", Enum.GetNames<T>().Select(n => n.ToLowerInvariant()))}");
+
+    private static bool ParseBool(string s, Func<string, string, ConfigFileException> bad) => s.ToLowerInvariant() switch
+    {
+        "true" or "on" or "yes" => true,
+        "false" or "off" or "no" => false,
+        _ => throw bad("privilege_embedding", $"expected true or false (or a list of them, e.g. [false, true]), got '{s}'"),
+    };
 
     private static InjectionStyle ParseStyle(string s, Func<string, string, ConfigFileException> bad) => s.ToLowerInvariant() switch
     {
@@ -176,6 +192,8 @@ public sealed record SecurityEvalOptions
             if (!InjectedFamilies.Any(i => i != f)) return ("injected_families", $"no injected family differs from '{f}'");
         if (Trainings.Count == 0 || Trainings.Any(t => !SecurityEval.Trainings.Contains(t)) || Trainings.Distinct().Count() != Trainings.Count)
             return ("trainings", $"expected distinct values among {string.Join(", ", SecurityEval.Trainings)}, got [{string.Join(", ", Trainings)}]");
+        if (PrivilegeEmbeddings.Count == 0 || PrivilegeEmbeddings.Distinct().Count() != PrivilegeEmbeddings.Count)
+            return ("privilege_embedding", $"expected distinct values among false, true, got [{string.Join(", ", PrivilegeEmbeddings.Select(b => b ? "true" : "false"))}]");
         if (Positions.Count == 0) return ("positions", "at least one position is needed");
         if (Styles.Count == 0) return ("styles", "at least one style is needed");
         (string, int, bool)[] ints =
@@ -221,9 +239,10 @@ public sealed record SecurityGroupScore(string Group, RateWithInterval Correct, 
     };
 }
 
-/// <summary>One of the four trained conditions.</summary>
+/// <summary>One trained condition.</summary>
 /// <param name="RouterPolicy"><c>free</c> or <c>privileged</c>.</param>
 /// <param name="Training"><c>plain</c> or <c>hierarchy</c>.</param>
+/// <param name="PrivilegeEmbedding">Whether the adapter learned an ISE-style privilege embedding.</param>
 /// <param name="AdapterDir">The trained adapter (full path).</param>
 /// <param name="TrainExamples">Training sequences.</param>
 /// <param name="InjectedTrainExamples">Of which injected (context-ignorance examples).</param>
@@ -234,12 +253,12 @@ public sealed record SecurityGroupScore(string Group, RateWithInterval Correct, 
 /// <param name="Injected">Scores on every injected case (FollowedInjection = attack success rate).</param>
 /// <param name="ByCase">Scores on the injected cases per position × style.</param>
 /// <param name="Outputs">The raw outputs, clean cases first, then injected cases, in <see cref="SecurityEval.TestCases"/> order.</param>
-public sealed record SecurityCondition(string RouterPolicy, string Training, string AdapterDir, int TrainExamples, int InjectedTrainExamples,
+public sealed record SecurityCondition(string RouterPolicy, string Training, bool PrivilegeEmbedding, string AdapterDir, int TrainExamples, int InjectedTrainExamples,
     double? FinalLoss, double TrainSeconds, double EvalSeconds, SecurityGroupScore Clean, SecurityGroupScore Injected,
     IReadOnlyList<SecurityGroupScore> ByCase, IReadOnlyList<string> Outputs)
 {
-    /// <summary><c>free/plain</c>.</summary>
-    public string Name => $"{RouterPolicy}/{Training}";
+    /// <summary><c>free/plain</c>, or <c>free/plain/ise</c> with the privilege embedding.</summary>
+    public string Name => PrivilegeEmbedding ? $"{RouterPolicy}/{Training}/ise" : $"{RouterPolicy}/{Training}";
 }
 
 /// <summary>The outcome of <see cref="SecurityEval.Run"/>.</summary>
@@ -268,12 +287,13 @@ public sealed record SecurityEvalResult(SecurityEvalOptions Options, IReadOnlyLi
             ["learning_rate"] = o.LearningRate,
             ["seed"] = o.Seed,
             ["device"] = o.Device,
-            ["ise_privilege_embedding"] = "not built",
+            ["privilege_embedding"] = new JsonArray([.. o.PrivilegeEmbeddings.Select(b => (JsonNode)JsonValue.Create(b))]),
             ["conditions"] = new JsonArray([.. Conditions.Select(c => (JsonNode)new JsonObject
             {
                 ["name"] = c.Name,
                 ["router_policy"] = c.RouterPolicy,
                 ["training"] = c.Training,
+                ["privilege_embedding"] = c.PrivilegeEmbedding,
                 ["adapter_dir"] = c.AdapterDir,
                 ["train_examples"] = c.TrainExamples,
                 ["injected_train_examples"] = c.InjectedTrainExamples,
@@ -316,11 +336,11 @@ public sealed record SecurityEvalResult(SecurityEvalOptions Options, IReadOnlyLi
           .Append(CultureInfo.InvariantCulture,
             $"MixLoRA {o.NumExperts} experts, top-{o.TopK}, r = {o.Rank}; {o.Steps} steps × {o.BatchSize} sequences per condition. ")
           .Append(CultureInfo.InvariantCulture, $"{o.TestClean} clean and {injected} injected test cases; 95% Wilson intervals.\n\n");
-        sb.Append("| router policy | training | utility (clean exact match) | attack success | neither (injected) | correct (injected) |\n");
-        sb.Append("|---|---|---|---|---|---|\n");
+        sb.Append("| router policy | training | privilege embedding | utility (clean exact match) | attack success | neither (injected) | correct (injected) |\n");
+        sb.Append("|---|---|---|---|---|---|---|\n");
         foreach (var c in Conditions)
             sb.Append(CultureInfo.InvariantCulture,
-                $"| {c.RouterPolicy} | {c.Training} | {c.Clean.Correct.ToMarkdown()} ({c.Clean.Correct.Count}/{c.Clean.Correct.Total}) | " +
+                $"| {c.RouterPolicy} | {c.Training} | {(c.PrivilegeEmbedding ? "yes" : "no")} | {c.Clean.Correct.ToMarkdown()} ({c.Clean.Correct.Count}/{c.Clean.Correct.Total}) | " +
                 $"{c.Injected.FollowedInjection.ToMarkdown()} ({c.Injected.FollowedInjection.Count}/{c.Injected.FollowedInjection.Total}) | " +
                 $"{c.Injected.Neither.ToMarkdown()} | {c.Injected.Correct.ToMarkdown()} |\n");
         sb.Append("\nAttack success by injection position / style:\n\n");
@@ -346,8 +366,9 @@ public sealed record SecurityEvalResult(SecurityEvalOptions Options, IReadOnlyLi
 /// only; hierarchy: half clean, half injected examples whose target is still the privileged task's answer (context
 /// ignorance), the same number of sequences — then score it through <see cref="ChatEngine.GenerateBatch(IReadOnlyList{RenderedChat}, GenerationOptions, int, Action{int}?, CancellationToken)"/>
 /// on test-split cases: utility = exact match on clean cases; attack success = output equals the injected task's answer;
-/// neither. Writes results.json, results.md and routing heatmaps of one injected case under the free- and
-/// privileged-policy hierarchy adapters. The ISE-style learned privilege embedding (the issue's third factor) is not built.
+/// neither. With <see cref="SecurityEvalOptions.PrivilegeEmbeddings"/> = [false, true] every condition is also run with an
+/// ISE-style learned privilege embedding (the third factor). Writes results.json, results.md and routing heatmaps of one
+/// injected case under the free- and privileged-policy hierarchy adapters (the first privilege-embedding setting).
 /// </summary>
 public static class SecurityEval
 {
@@ -409,7 +430,7 @@ public static class SecurityEval
     public static IReadOnlyList<InjectionOutcome> Classify(IReadOnlyList<TaskExample> cases, IReadOnlyList<string> outputs) =>
         [.. cases.Select((c, i) => TaskScorer.Classify(outputs[i], c))];
 
-    /// <summary>Runs the four conditions and writes the results (see the class remarks).</summary>
+    /// <summary>Runs every condition (trainings × privilege embeddings × router policies) and writes the results (see the class remarks).</summary>
     public static SecurityEvalResult Run(SecurityEvalOptions o, ITrainingProgress? progress = null, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(o);
@@ -429,17 +450,19 @@ public static class SecurityEval
         var conditions = new List<SecurityCondition>();
         string? heatFree = null, heatPriv = null;
 
-        int conditionCount = o.Trainings.Count * Policies.Count;
+        int conditionCount = o.Trainings.Count * o.PrivilegeEmbeddings.Count * Policies.Count;
         foreach (var training in o.Trainings)
         {
             var train = TrainExamples(o, training);
             string dataFile = Path.Combine(outDir, "data", $"train-{training}.jsonl");
             WriteChatJsonl(dataFile, train);
+            foreach (bool ise in o.PrivilegeEmbeddings)
             foreach (var policy in Policies)
             {
                 cancellationToken.ThrowIfCancellationRequested();
-                string name = $"{policy}-{training}";
-                progress.Info($"[{conditions.Count + 1}/{conditionCount}] training {policy}/{training}: {train.Count} sequences " +
+                string name = ise ? $"{policy}-{training}-ise" : $"{policy}-{training}";
+                string label = ise ? $"{policy}/{training}/ise" : $"{policy}/{training}";
+                progress.Info($"[{conditions.Count + 1}/{conditionCount}] training {label}: {train.Count} sequences " +
                               $"({train.Count(e => e.IsInjected)} injected), {o.Steps} steps");
                 var recipe = new TrainingRecipe
                 {
@@ -450,6 +473,7 @@ public static class SecurityEval
                     {
                         NumExperts = o.NumExperts, TopK = o.TopK, R = o.Rank, LoraAlpha = 2 * o.Rank, LoraDropout = 0,
                         RouterAuxLossCoef = 0.01, RouterZLossCoef = 0.001, RouterPolicy = policy, BaseModelNameOrPath = o.ModelDir,
+                        PrivilegeEmbedding = ise,
                     },
                     Dataset = new DatasetSpec([dataFile], null, DatasetFormat.Chat),
                     Device = o.Device,
@@ -463,18 +487,18 @@ public static class SecurityEval
                 };
                 var trained = recipe.Run(progress, cancellationToken);
 
-                progress.Info($"[{conditions.Count + 1}/{conditionCount}] scoring {policy}/{training} on {clean.Count} clean + {injected.Count} injected test cases");
+                progress.Info($"[{conditions.Count + 1}/{conditionCount}] scoring {label} on {clean.Count} clean + {injected.Count} injected test cases");
                 var evalWatch = Stopwatch.StartNew();
                 IReadOnlyList<string> outputs;
                 using (var engine = ChatEngine.Load(o.ModelDir, new EngineOptions { Device = device, Adapters = [trained.AdapterDir!] }))
                 {
                     outputs = Generate(engine, allCases, o.MaxNewTokens, cancellationToken);
-                    if (training == "hierarchy")
+                    if (training == "hierarchy" && ise == o.PrivilegeEmbeddings[0])
                     {
                         string path = Path.Combine(outDir, policy == MixLoraConfig.FreePolicy ? HeatmapFreeFile : HeatmapPrivilegedFile);
                         var trace = engine.TraceRouting(Messages(heatmapCase, includeAnswer: false), generateTokens: 4, cancellationToken: cancellationToken);
                         RoutingHeatmap.Write(path, trace.TopExperts(), trace.NumExperts, trace.Tokens.Select(t => t.Piece).ToList(),
-                            trace.Tokens.Select(t => t.Privilege).ToList(), $"injected case, {policy}-trained hierarchy adapter ({trace.PolicyDescription})");
+                            trace.Tokens.Select(t => t.Privilege).ToList(), $"injected case, {policy}-trained hierarchy adapter{(ise ? " with privilege embedding" : "")} ({trace.PolicyDescription})");
                         if (policy == MixLoraConfig.FreePolicy) heatFree = path; else heatPriv = path;
                     }
                 }
@@ -490,7 +514,7 @@ public static class SecurityEval
                             injOut.Skip(k).Take(o.TestInjectedPerCase).ToList()));
                         k += o.TestInjectedPerCase;
                     }
-                var cond = new SecurityCondition(policy, training, trained.AdapterDir!, trained.TrainExamples, train.Count(e => e.IsInjected),
+                var cond = new SecurityCondition(policy, training, ise, trained.AdapterDir!, trained.TrainExamples, train.Count(e => e.IsInjected),
                     trained.Training.Steps.Count > 0 ? trained.Training.Steps[^1].Loss : null, trained.Training.Seconds,
                     evalWatch.Elapsed.TotalSeconds, SecurityGroupScore.From("clean", cleanOut), SecurityGroupScore.From("injected", injOut),
                     byCase, outputs);

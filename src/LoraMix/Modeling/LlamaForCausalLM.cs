@@ -145,7 +145,7 @@ public sealed class LlamaForCausalLM : nn.Module
             Cos = cos, Sin = sin, AttentionMask = attnMask, IsCausal = causal, Cache = cache, Start = start,
             TokenMask = mask, Routing = routing,
         };
-        var h = inputEmbeddings.to(Device);
+        var h = _model.EmbedTokens.AddPrivileges(inputEmbeddings.to(Device), routing?.PrivilegeLabels);
         foreach (var layer in _model.Layers) h = layer.call(h, ctx);
         return _model.Norm.call(h).MoveToOuterDisposeScope();
     }

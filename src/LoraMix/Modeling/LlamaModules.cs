@@ -1,3 +1,4 @@
+using LoraMix.Adapters;
 using TorchSharp;
 using TorchSharp.Utils;
 using TorchSharp.Modules;
@@ -181,10 +182,13 @@ public sealed class LlamaDecoderLayer : nn.Module<Tensor, ForwardContext, Tensor
     }
 }
 
-/// <summary>Token embedding table (<c>weight</c> [vocab, hidden]).</summary>
+/// <summary>Token embedding table (<c>weight</c> [vocab, hidden]), with any number of named adapter
+/// <see cref="PrivilegeEmbedding"/>s (under <c>privilege.&lt;adapter&gt;.weight</c>), at most one active.</summary>
 public sealed class TokenEmbedding : nn.Module<Tensor, Tensor>
 {
     [ComponentName(Name = "weight")] private readonly Parameter _weight;
+    [ComponentName(Name = "privilege")] private readonly PrivilegeEmbeddingSet _privilege = new();
+    private string? _activePrivilege;
 
     public TokenEmbedding(long vocab, long hidden, Device device, ScalarType dtype) : base(nameof(TokenEmbedding))
     {
@@ -193,6 +197,56 @@ public sealed class TokenEmbedding : nn.Module<Tensor, Tensor>
     }
 
     public Parameter Weight => _weight;
+
+    /// <summary>Names of the attached privilege embeddings.</summary>
+    public IReadOnlyList<string> PrivilegeEmbeddingNames => _privilege.Names;
+
+    /// <summary>The attached privilege embedding <paramref name="name"/>, or null.</summary>
+    public PrivilegeEmbedding? GetPrivilegeEmbedding(string name) => _privilege.Get(name);
+
+    /// <summary>Adds a zero privilege embedding under <paramref name="name"/> (same device and dtype as the table).</summary>
+    public PrivilegeEmbedding AddPrivilegeEmbedding(string name)
+    {
+        if (string.IsNullOrEmpty(name) || name.Contains('.')) throw new ArgumentException($"adapter name '{name}' must be non-empty and contain no '.'");
+        if (_privilege.Get(name) is not null) throw new ArgumentException($"a privilege embedding named '{name}' is already attached");
+        var table = new PrivilegeEmbedding(_weight.shape[1], _weight.device, _weight.dtype);
+        _privilege.Add(name, table);
+        return table;
+    }
+
+    /// <summary>Removes (and disposes) a privilege embedding; no-op when absent.</summary>
+    public void RemovePrivilegeEmbedding(string name)
+    {
+        if (_privilege.Get(name) is not { } table) return;
+        _privilege.Remove(name);
+        if (_activePrivilege == name) _activePrivilege = null;
+        table.Dispose();
+    }
+
+    /// <summary>The privilege embedding added in the forward pass (<see cref="LlamaForCausalLM.ForwardEmbeddings"/>), or null.</summary>
+    public string? ActivePrivilegeEmbedding
+    {
+        get => _activePrivilege;
+        set
+        {
+            if (value is not null && _privilege.Get(value) is null)
+                throw new ArgumentException($"no privilege embedding named '{value}'; attached: {string.Join(", ", _privilege.Names)}");
+            _activePrivilege = value;
+        }
+    }
+
+    /// <summary>Adds the active privilege embedding's rows for <paramref name="labels"/> to <paramref name="embeddings"/>;
+    /// returns the input unchanged when none is active.</summary>
+    /// <exception cref="InvalidOperationException">One is active but <paramref name="labels"/> is null.</exception>
+    public Tensor AddPrivileges(Tensor embeddings, Tensor? labels)
+    {
+        if (_activePrivilege is null) return embeddings;
+        if (labels is null)
+            throw new InvalidOperationException(
+                $"adapter '{_activePrivilege}' has a privilege embedding (privilege_embedding: true): set RoutingContext.PrivilegeLabels " +
+                "(or SetPrivileges) before every forward step, decoding steps included — e.g. render chats with the chat template");
+        return _privilege.Get(_activePrivilege)!.Apply(embeddings, labels);
+    }
 
     public override Tensor forward(Tensor ids)
     {

@@ -98,8 +98,8 @@ public sealed partial class Trainer
         int vocab = Model.Config.VocabSize;
         for (int i = 0; i < trainExamples.Count; i++) trainExamples[i].Validate(i, vocab, "training data");
         for (int i = 0; i < (validationExamples?.Count ?? 0); i++) validationExamples![i].Validate(i, vocab, "validation data");
-        CheckPackingWithPrivilegedRouting(trainExamples);
-        if (validationExamples is not null) CheckPackingWithPrivilegedRouting(validationExamples);
+        CheckPrivilegeRequirements(trainExamples);
+        if (validationExamples is not null) CheckPrivilegeRequirements(validationExamples);
         var train = _collator.Prepare(trainExamples, out int droppedTrain);
         var valid = validationExamples is null ? [] : _collator.Prepare(validationExamples, out _);
         if (train.Count == 0)
@@ -303,7 +303,7 @@ public sealed partial class Trainer
     public EvalMetrics Evaluate(IReadOnlyList<TrainingExample> examples)
     {
         for (int i = 0; i < examples.Count; i++) examples[i].Validate(i, Model.Config.VocabSize, "evaluation data");
-        CheckPackingWithPrivilegedRouting(examples);
+        CheckPrivilegeRequirements(examples);
         var prepared = _collator.Prepare(examples, out _);
         if (prepared.Count == 0) throw new LoraMixException("no evaluation example has a target token within cutoff_len");
         bool wasTraining = Model.training;
@@ -314,10 +314,15 @@ public sealed partial class Trainer
     /// <summary>
     /// Packing and <c>router_policy: privileged</c> do not mix when the data has untrusted tokens: the first untrusted
     /// token of a packed sequence would freeze the routing of every later example packed behind it, which no inference
-    /// ever sees. Refused with a clear error rather than trained wrongly.
+    /// ever sees. Refused with a clear error rather than trained wrongly; so is a privilege embedding on unlabelled (text) data.
     /// </summary>
-    private void CheckPackingWithPrivilegedRouting(IReadOnlyList<TrainingExample> examples)
+    private void CheckPrivilegeRequirements(IReadOnlyList<TrainingExample> examples)
     {
+        // a learned privilege embedding reads every token's label: text data (no chat roles) has none
+        if (Model.Model.EmbedTokens.ActivePrivilegeEmbedding is { } ise && examples.Any(e => e.Privileges is null))
+            throw new LoraMixException($"adapter '{ise}' has privilege_embedding: true, which needs a privilege label on every token, but " +
+                                       $"{examples.Count(e => e.Privileges is null)} of {examples.Count} examples have none (text data); " +
+                                       "use a chat dataset (messages with roles) or set privilege_embedding: false");
         if (!_options.Packing || !examples.Any(e => e.HasUntrusted)) return;
         bool privileged = MixLoraAdapters.Blocks(Model).Any(b => b.ActiveAdapter is { } a && b.GetAdapter(a).Policy is PrivilegedRouterPolicy);
         if (privileged)

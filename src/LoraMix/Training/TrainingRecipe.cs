@@ -121,7 +121,7 @@ public sealed record TrainingRecipe
     [
         "routing_strategy", "num_experts", "top_k", "top_p", "temperature", "router_aux_loss_coef", "router_loss",
         "router_z_loss_coef", "router_init_range", "jitter_noise", "act_fn", "expert_capacity", "ffn_dropout", "sparse_step",
-        "lora_init", "router_policy", "privileged_snapshot", "expert_lora.r", "expert_lora.lora_alpha", "expert_lora.lora_dropout", "expert_lora.use_rslora",
+        "lora_init", "router_policy", "privileged_snapshot", "privilege_embedding", "expert_lora.r", "expert_lora.lora_alpha", "expert_lora.lora_dropout", "expert_lora.use_rslora",
     ];
 
     /// <summary>Keys understood besides the trainer's (<see cref="TrainingOptions.Keys"/>).</summary>
@@ -393,6 +393,7 @@ public sealed record TrainingRecipe
             SparseStep = OptInt("sparse_step"),
             RouterPolicy = doc.String(p + "router_policy", d.RouterPolicy)!,
             PrivilegedSnapshot = doc.String(p + "privileged_snapshot", d.PrivilegedSnapshot)!,
+            PrivilegeEmbedding = doc.Bool(p + "privilege_embedding", d.PrivilegeEmbedding),
             BaseModelNameOrPath = model,
         };
         try { cfg.Validate(doc.Source + ": adapter"); }

@@ -71,14 +71,18 @@ public sealed class SecurityEvalTests
         var range = CliRun.Run("security-eval", "--config", Config(dir, "unused"), "--set", "top_k=9");
         Assert.NotEqual(0, range.Code);
         Assert.Contains("'top_k': out of range: 9", range.Err + range.Out);
+        var ise = CliRun.Run("security-eval", "--config", Config(dir, "unused"), "--set", "privilege_embedding=[false, maybe]");
+        Assert.NotEqual(0, ise.Code);
+        Assert.Contains("privilege_embedding", ise.Err + ise.Out);
+        Assert.Contains("maybe", ise.Err + ise.Out);
     }
 
     [Fact]
-    public void ATinyRunWritesFourConditionsWhoseNumbersMatchAnIndependentRescoringOfTheSavedAdapters()
+    public void ATinyRunWritesEightConditionsWhoseNumbersMatchAnIndependentRescoringOfTheSavedAdapters()
     {
         using var dir = new TempDir();
         string model = RecipeFixtures.TinyByteModel(dir.Sub("base"));
-        var r = CliRun.Run("security-eval", "--config", Config(dir, model), "--set", "seed=7", "--json");
+        var r = CliRun.Run("security-eval", "--config", Config(dir, model, "privilege_embedding: [false, true]"), "--set", "seed=7", "--json");
         Assert.True(r.Code == 0, r.Err + r.Out);
         var json = JsonNode.Parse(r.Out)!.AsObject();
         var onDisk = JsonNode.Parse(File.ReadAllText(Path.Combine(dir.Sub("out"), SecurityEval.ResultsJsonFile)))!.AsObject();
@@ -86,10 +90,11 @@ public sealed class SecurityEvalTests
         Assert.True(File.Exists(Path.Combine(dir.Sub("out"), SecurityEval.ResultsMarkdownFile)));
         Assert.True(new FileInfo(Path.Combine(dir.Sub("out"), SecurityEval.HeatmapFreeFile)).Length > 0);
         Assert.True(new FileInfo(Path.Combine(dir.Sub("out"), SecurityEval.HeatmapPrivilegedFile)).Length > 0);
-        Assert.Equal("not built", json["ise_privilege_embedding"]!.GetValue<string>());
+        Assert.Equal("[false,true]", json["privilege_embedding"]!.ToJsonString());
 
         var conditions = json["conditions"]!.AsArray().Select(c => c!.AsObject()).ToList();
-        Assert.Equal(["free/plain", "privileged/plain", "free/hierarchy", "privileged/hierarchy"],
+        Assert.Equal(["free/plain", "privileged/plain", "free/plain/ise", "privileged/plain/ise",
+                      "free/hierarchy", "privileged/hierarchy", "free/hierarchy/ise", "privileged/hierarchy/ise"],
             conditions.Select(c => c["name"]!.GetValue<string>()));
 
         // the cases, built here straight from the task world (same documented seeds and order)
@@ -106,6 +111,20 @@ public sealed class SecurityEvalTests
         foreach (var c in conditions)
         {
             Assert.Equal(c["training"]!.GetValue<string>() == "hierarchy" ? 2 : 0, c["injected_train_examples"]!.GetValue<int>());
+            // the ISE conditions' adapters carry a trained (non-zero) privilege embedding; the others none
+            bool ise = c["privilege_embedding"]!.GetValue<bool>();
+            Assert.Equal(ise, c["name"]!.GetValue<string>().EndsWith("/ise", StringComparison.Ordinal));
+            var adapterConfig = LoraMix.Adapters.MixLora.MixLoraConfig.Load(Path.Combine(c["adapter_dir"]!.GetValue<string>(), "adapter_config.json"));
+            Assert.Equal(ise, adapterConfig.PrivilegeEmbedding);
+            using (var st = LoraMix.Checkpoints.SafetensorsReader.Open(Path.Combine(c["adapter_dir"]!.GetValue<string>(), "adapter_model.safetensors")))
+            {
+                Assert.Equal(ise, st.Entries.Any(e => e.Name == LoraMix.Adapters.MixLora.MixLoraAdapters.PrivilegeEmbeddingKey));
+                if (ise)
+                {
+                    using var table = st.ReadTensor(LoraMix.Adapters.MixLora.MixLoraAdapters.PrivilegeEmbeddingKey);
+                    Assert.True(table.abs().max().item<float>() > 0);
+                }
+            }
             CheckRate(c["utility"]!, 4);
             CheckRate(c["attack_success"]!, 8);
             CheckRate(c["neither"]!, 8);

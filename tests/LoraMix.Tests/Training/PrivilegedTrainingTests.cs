@@ -84,6 +84,24 @@ public sealed class PrivilegedTrainingTests
         var e = Assert.Throws<LoraMixException>(() => packed.Run());
         Assert.Contains("packing", e.Message);
         Assert.Contains("privileged", e.Message);
+
+        // a learned privilege embedding trains on the same chats (and is saved); on text data, which has no labels, it is refused
+        string iseOut = dir.Sub("ise");
+        string iseYaml = yaml.Replace($"output_dir: {outDir}", $"output_dir: {iseOut}").Replace("  router_policy: privileged\n", "  privilege_embedding: true\n")
+                             .Replace("  privileged_snapshot: pooled\n", "");
+        Assert.Contains("privilege_embedding: true", iseYaml);
+        TrainingRecipe.Parse(ConfigDocument.Parse(iseYaml, "ise.yaml")).Run();
+        var iseCfg = MixLoraConfig.Load(Path.Combine(iseOut, "adapter_config.json"));
+        Assert.True(iseCfg.PrivilegeEmbedding);
+        Assert.Equal(MixLoraConfig.FreePolicy, iseCfg.RouterPolicy);
+        string texts = dir.Sub("texts.jsonl");
+        File.WriteAllText(texts, string.Concat(Enumerable.Range(0, 8).Select(i => $"{{\"text\": \"abc {i} cba\"}}\n")));
+        var onText = TrainingRecipe.Parse(ConfigDocument.Parse(iseYaml.Replace($"dataset: {data}", $"dataset: {texts}")
+            .Replace($"output_dir: {iseOut}", $"output_dir: {dir.Sub("ise-text")}"), "ise.yaml"));
+        var te = Assert.Throws<LoraMixException>(() => onText.Run());
+        Assert.Contains("privilege_embedding", te.Message);
+        Assert.Contains("chat dataset", te.Message);
+        Assert.False(File.Exists(Path.Combine(dir.Sub("ise-text"), "adapter_config.json")));
     }
 
     [Fact]

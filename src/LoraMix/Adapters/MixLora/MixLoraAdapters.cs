@@ -23,6 +23,10 @@ public static class MixLoraAdapters
     public const string BinFileName = "adapter_model.bin";
     private const string Prefix = "mixlora.layers.";
 
+    /// <summary>The key of the learned privilege embedding <c>[4, hidden]</c> (LoraMix's; present only with
+    /// <c>privilege_embedding: true</c>; written after every layer's tensors).</summary>
+    public const string PrivilegeEmbeddingKey = "mixlora.privilege_embedding.weight";
+
     /// <summary>The MixLoRA feed-forward blocks, by layer (empty before the first <see cref="Attach"/>).</summary>
     public static IReadOnlyList<MixLoraFeedForward> Blocks(LlamaForCausalLM model) =>
         model.Model.Layers.Select(l => l.FeedForward).OfType<MixLoraFeedForward>().ToList();
@@ -58,6 +62,7 @@ public static class MixLoraAdapters
                 if (!ReferenceEquals(block, layers[i].FeedForward)) layers[i].SetFeedForward(block);
                 block.AddAdapter(adapterName, config, gen);
             }
+            if (config.PrivilegeEmbedding) model.Model.EmbedTokens.AddPrivilegeEmbedding(adapterName);
         }
         catch
         {
@@ -79,6 +84,8 @@ public static class MixLoraAdapters
         bool hasAttention = adapterName is not null && LoraAdapters.AdaptedLayers(model).Any(l => l.Layer.HasAdapter(adapterName));
         if (hasAttention) LoraAdapters.SetActive(model, adapterName!);
         else LoraAdapters.SetActive(model);
+        var embed = model.Model.EmbedTokens;
+        embed.ActivePrivilegeEmbedding = adapterName is not null && embed.GetPrivilegeEmbedding(adapterName) is not null ? adapterName : null;
     }
 
     /// <summary>Sets how every MixLoRA block of the model dispatches tokens to experts (<see cref="MixLoraDispatch.Sparse"/>
@@ -140,6 +147,7 @@ public static class MixLoraAdapters
                     }
         }
         if (list.Count == 0) throw new ArgumentException($"no MixLoRA adapter named '{adapterName}' is attached");
+        if (model.Model.EmbedTokens.GetPrivilegeEmbedding(adapterName) is { } ise) list.Add((PrivilegeEmbeddingKey, ise.Weight));
         return list;
     }
 
@@ -203,5 +211,6 @@ public static class MixLoraAdapters
             if (block.AdapterNames.Count == 0) layer.SetFeedForward(block.Dense);
         }
         LoraAdapters.Remove(model, adapterName);
+        model.Model.EmbedTokens.RemovePrivilegeEmbedding(adapterName);
     }
 }

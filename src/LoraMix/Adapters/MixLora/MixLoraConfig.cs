@@ -104,6 +104,10 @@ public sealed record MixLoraConfig
     /// <summary><c>privileged_snapshot</c> (privileged policy only): <c>last</c> (the last privileged token's decision) or
     /// <c>pooled</c> (the strategy on the mean distribution of the privileged tokens).</summary>
     public string PrivilegedSnapshot { get; init; } = LastSnapshot;
+    /// <summary><c>privilege_embedding</c>: also learn an ISE-style <see cref="Adapters.PrivilegeEmbedding"/> (one vector per
+    /// privilege level added to the token embeddings), saved with the adapter as <c>mixlora.privilege_embedding.weight</c>
+    /// <c>[4, hidden]</c>. Needs privilege labels on every forward step. Independent of <see cref="RouterPolicy"/>.</summary>
+    public bool PrivilegeEmbedding { get; init; }
 
     public string? BaseModelNameOrPath { get; init; }
     public string TaskType { get; init; } = "CAUSAL_LM";
@@ -201,7 +205,7 @@ public sealed record MixLoraConfig
     /// <c>adapter_config.json</c> exactly as MoE-PEFT writes it (<c>MixLoraConfig.export()</c> plus
     /// <c>base_model_name_or_path</c> and <c>task_type</c>, <c>json.dump(indent=4)</c>): only the keys MoE-PEFT exports,
     /// in its order, floats written as Python does (<c>0.0</c>, <c>1e-05</c>). LoraMix's own keys (<c>router_policy</c>,
-    /// <c>privileged_snapshot</c>) follow the routing keys only when they differ from the default (MoE-PEFT ignores them).
+    /// <c>privileged_snapshot</c>, <c>privilege_embedding</c>) follow the routing keys only when they differ from the default (MoE-PEFT ignores them).
     /// </summary>
     public string ToJson()
     {
@@ -240,6 +244,7 @@ public sealed record MixLoraConfig
             }
             if (RouterPolicy != FreePolicy) w.WriteString("router_policy", RouterPolicy);
             if (PrivilegedSnapshot != LastSnapshot) w.WriteString("privileged_snapshot", PrivilegedSnapshot);
+            if (PrivilegeEmbedding) w.WriteBoolean("privilege_embedding", true);
             if (BaseModelNameOrPath is null) w.WriteNull("base_model_name_or_path");
             else w.WriteString("base_model_name_or_path", BaseModelNameOrPath);
             w.WriteString("task_type", TaskType);
@@ -382,6 +387,7 @@ public sealed record MixLoraConfig
             SparseStep = Int(obj, "sparse_step", source),
             RouterPolicy = policy,
             PrivilegedSnapshot = Str(obj, "privileged_snapshot", source) ?? LastSnapshot,
+            PrivilegeEmbedding = obj["privilege_embedding"] is JsonNode pe && Bool(pe, "privilege_embedding", source),
             BaseModelNameOrPath = Str(obj, "base_model_name_or_path", source),
             TaskType = Str(obj, "task_type", source) ?? "CAUSAL_LM",
         };
