@@ -144,9 +144,7 @@ public sealed record SecurityEvalOptions
             Device = doc.String("device") ?? o.Device,
             MaxNewTokens = doc.Int("max_new_tokens", o.MaxNewTokens),
             Trainings = doc.StringList("trainings") ?? o.Trainings,
-            PrivilegeEmbeddings = doc.IsList("privilege_embedding")
-                ? [.. doc.StringList("privilege_embedding")!.Select(v => ParseBool(v, Bad))]
-                : doc.String("privilege_embedding") is { } one ? [ParseBool(one, Bad)] : o.PrivilegeEmbeddings,
+            PrivilegeEmbeddings = doc.StringList("privilege_embedding") is { } pe ? [.. pe.Select(v => ParseBool(v, Bad))] : o.PrivilegeEmbeddings,
         };
         if (o.Problem() is { } p) throw Bad(p.Key, p.Message);
         return o;
