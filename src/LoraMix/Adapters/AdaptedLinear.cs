@@ -16,7 +16,7 @@ public sealed class AdaptedLinear : nn.Module<Tensor, Tensor>
 {
     [ComponentName(Name = "weight")] private readonly Parameter _weight;
     [ComponentName(Name = "bias")] private readonly Parameter? _bias;
-    [ComponentName(Name = "lora")] private readonly LoraDeltaSet _deltas = new();
+    [ComponentName(Name = "lora")] private readonly NamedModules<LoraDelta> _deltas = new();
     private readonly HashSet<string> _merged = new(StringComparer.Ordinal);
     private IReadOnlyList<string> _active = [];
 
@@ -103,38 +103,5 @@ public sealed class AdaptedLinear : nn.Module<Tensor, Tensor>
         foreach (var name in _active)
             if (!_merged.Contains(name)) y = y + GetAdapter(name).call(x);
         return y.MoveToOuterDisposeScope();
-    }
-}
-
-/// <summary>
-/// Named deltas registered as child modules as they are added (TorchSharp's ModuleDict registers its items only once,
-/// at construction), so training mode, parameters() and state_dict() always see them.
-/// </summary>
-internal sealed class LoraDeltaSet : nn.Module
-{
-    private readonly List<(string Name, LoraDelta Delta)> _items = [];
-
-    public LoraDeltaSet() : base(nameof(LoraDeltaSet)) { }
-
-    public IReadOnlyList<string> Names => _items.Select(i => i.Name).ToList();
-
-    public bool TryGet(string name, out LoraDelta delta)
-    {
-        foreach (var (n, d) in _items)
-            if (n == name) { delta = d; return true; }
-        delta = null!;
-        return false;
-    }
-
-    public void Add(string name, LoraDelta delta)
-    {
-        register_module(name, delta);
-        _items.Add((name, delta));
-    }
-
-    public void Remove(string name)
-    {
-        register_module(name, null!);
-        _items.RemoveAll(i => i.Name == name);
     }
 }

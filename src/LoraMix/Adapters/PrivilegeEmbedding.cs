@@ -47,32 +47,3 @@ public sealed class PrivilegeEmbedding : nn.Module
         return (embeddings + rows.to(embeddings.dtype)).MoveToOuterDisposeScope();
     }
 }
-
-/// <summary>Named privilege embeddings registered as child modules as they are added (see <see cref="LoraDeltaSet"/>).</summary>
-internal sealed class PrivilegeEmbeddingSet : nn.Module
-{
-    private readonly List<(string Name, PrivilegeEmbedding Table)> _items = [];
-
-    public PrivilegeEmbeddingSet() : base(nameof(PrivilegeEmbeddingSet)) { }
-
-    public IReadOnlyList<string> Names => _items.Select(i => i.Name).ToList();
-
-    public PrivilegeEmbedding? Get(string name)
-    {
-        foreach (var (n, t) in _items)
-            if (n == name) return t;
-        return null;
-    }
-
-    public void Add(string name, PrivilegeEmbedding table)
-    {
-        register_module(name, table);
-        _items.Add((name, table));
-    }
-
-    public void Remove(string name)
-    {
-        register_module(name, null!);
-        _items.RemoveAll(i => i.Name == name);
-    }
-}

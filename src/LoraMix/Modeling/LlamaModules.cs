@@ -187,7 +187,7 @@ public sealed class LlamaDecoderLayer : nn.Module<Tensor, ForwardContext, Tensor
 public sealed class TokenEmbedding : nn.Module<Tensor, Tensor>
 {
     [ComponentName(Name = "weight")] private readonly Parameter _weight;
-    [ComponentName(Name = "privilege")] private readonly PrivilegeEmbeddingSet _privilege = new();
+    [ComponentName(Name = "privilege")] private readonly NamedModules<PrivilegeEmbedding> _privilege = new();
     private string? _activePrivilege;
 
     public TokenEmbedding(long vocab, long hidden, Device device, ScalarType dtype) : base(nameof(TokenEmbedding))

@@ -121,7 +121,7 @@ public sealed class MixLoraFeedForward : FeedForwardBlock
     [ComponentName(Name = "gate_proj")] private readonly nn.Module<Tensor, Tensor> _gate;
     [ComponentName(Name = "up_proj")] private readonly nn.Module<Tensor, Tensor> _up;
     [ComponentName(Name = "down_proj")] private readonly nn.Module<Tensor, Tensor> _down;
-    [ComponentName(Name = "moe")] private readonly MixtureSet _mixtures = new();
+    [ComponentName(Name = "moe")] private readonly NamedModules<MixLoraMixture> _mixtures = new();
     private readonly LlamaMlp _dense;
     private readonly LlamaConfig _config;
     private string? _active;
@@ -322,36 +322,5 @@ public sealed class MixLoraFeedForward : FeedForwardBlock
         if (mixture.ExpertList[0].Get("down_proj") is null) return y;
         var hParts = hidden.to(mixture.RouterWeight.dtype).split(sizes);
         return AddDeltas(y, mixture, "down_proj", segments.Select((e, i) => (e, hParts[i])).ToList());
-    }
-}
-
-/// <summary>Named mixtures registered as child modules as they are added (so train/eval, parameters() and
-/// state_dict() always see them).</summary>
-internal sealed class MixtureSet : nn.Module
-{
-    private readonly List<(string Name, MixLoraMixture Mixture)> _items = [];
-
-    public MixtureSet() : base(nameof(MixtureSet)) { }
-
-    public IReadOnlyList<string> Names => _items.Select(i => i.Name).ToList();
-
-    public bool TryGet(string name, out MixLoraMixture mixture)
-    {
-        foreach (var (n, m) in _items)
-            if (n == name) { mixture = m; return true; }
-        mixture = null!;
-        return false;
-    }
-
-    public void Add(string name, MixLoraMixture mixture)
-    {
-        register_module(name, mixture);
-        _items.Add((name, mixture));
-    }
-
-    public void Remove(string name)
-    {
-        register_module(name, null!);
-        _items.RemoveAll(i => i.Name == name);
     }
 }
