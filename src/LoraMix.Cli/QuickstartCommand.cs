@@ -19,9 +19,9 @@ internal static class QuickstartCommand
     {
         var method = new Option<string>("--method")
         {
-            Description = $"Adapter method: {string.Join(", ", QuickstartOptions.Methods)}, or hardened (free vs privileged MixLoRA routing " +
+            Description = $"Adapter method: {string.Join(", ", QuickstartOptions.Methods)} (default {QuickstartOptions.DefaultMethod}), or hardened (free vs privileged MixLoRA routing " +
                           "under prompt injection: utility and attack success side by side).",
-            DefaultValueFactory = _ => "lora",
+            DefaultValueFactory = _ => QuickstartOptions.DefaultMethod,
         };
         method.AcceptOnlyFromAmong([.. QuickstartOptions.Methods, HardenedMethod]);
         var json = new Option<bool>("--json") { Description = "Print the summary as one JSON object on stdout (progress goes to stderr)." };
@@ -29,18 +29,18 @@ internal static class QuickstartCommand
         var output = new Option<string?>("--out", "-o") { Description = "Output directory for the adapter, metrics and loss curve (default: out/quickstart-METHOD; replaced)." };
         var family = new Option<string[]>("--family")
         {
-            Description = $"Task family to learn (repeatable; default: lora {TaskWorld.HeldOutFamilies[0]}, mixlora {string.Join(" + ", TaskWorld.HeldOutFamilies)}: families held out of the base model's pre-training).",
+            Description = $"Task family to learn (repeatable; default: mixlora {string.Join(" + ", TaskWorld.ShortAnswerHeldOutFamilies)}, lora {TaskWorld.HeldOutFamilies[0]}: families held out of the base model's pre-training).",
             AllowMultipleArgumentsPerToken = false,
         };
         family.AcceptOnlyFromAmong([.. TaskWorld.Families]);
-        var steps = new Option<int?>("--steps") { Description = "Training steps (default: lora 250, mixlora 400)." };
+        var steps = new Option<int?>("--steps") { Description = $"Training steps (default: mixlora {QuickstartOptions.DefaultMixLoraSteps}, lora {QuickstartOptions.DefaultLoraSteps})." };
         var batch = new Option<int>("--batch-size") { Description = "Sequences per step (default 16).", DefaultValueFactory = _ => 16 };
         var evalCount = new Option<int>("--eval-examples") { Description = "Test-split examples per family scored before and after (default 64).", DefaultValueFactory = _ => 64 };
         var seed = new Option<long>("--seed") { Description = "Training seed (default 42).", DefaultValueFactory = _ => 42 };
         var device = ModelCommands.DeviceOption();
         var cmd = new Command("quickstart",
-            $"Fine-tune a LoRA adapter on the embedded {EmbeddedModel.Name} for a task family it never saw; print exact match before and after, " +
-            "an example and where the adapter, metrics and loss curve are.")
+            $"Fine-tune a MixLoRA (default) or LoRA adapter on the embedded {EmbeddedModel.Name} for task families it never saw; print exact " +
+            "match before and after per family, whether experts specialise by family, an example and where the adapter, metrics and plots are.")
         {
             method, json, model, output, family, steps, batch, evalCount, seed, device,
         };

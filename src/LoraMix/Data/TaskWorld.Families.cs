@@ -120,6 +120,10 @@ public static partial class TaskWorld
 
     private static string LastWord(string s) => SplitWords(s) is { Length: > 0 } w ? w[^1] : "";
 
+    private static string SecondWord(string s) => SplitWords(s) is { Length: > 1 } w ? w[1] : "";
+
+    private static string LastLetter(string s) => SplitWords(s) is { Length: > 0 } w ? w[^1][^1..] : "";
+
     private static string Dedupe(string s)
     {
         var seen = new HashSet<string>(StringComparer.Ordinal);
@@ -210,6 +214,15 @@ public static partial class TaskWorld
         }
     }
 
+    private static string DistinctSecond(TaskRng r, int n)
+    {
+        while (true)
+        {
+            var w = SplitWords(PlainWords(r, n));
+            if (w[1] != w[0] && w[1] != w[^1]) return Join(w);
+        }
+    }
+
     // ---- the families ----
 
     private static readonly TaskFamily[] AllFamilies =
@@ -292,6 +305,20 @@ public static partial class TaskWorld
              "Output each word of the data with its letters sorted."],
             ["Rearrange each data word's letters from a to z, keeping the word order."],
             SortLetters, PlainWords),
+        // Added after the embedded model was pretrained, so never seen by it; appended (not inserted) so that the pretraining
+        // families, their order and their examples stay exactly what examples/pretrain-tiny.yaml trained on.
+        new("second_word", "say the second word",
+            ["Output the second word of the data.",
+             "What is the second word of the data?",
+             "Write only the data's second word."],
+            ["Give the word that comes right after the data's first word."],
+            SecondWord, DistinctSecond, minWords: 3),
+        new("last_letter", "say the last letter",
+            ["Output the last letter of the data.",
+             "What is the last letter of the data?",
+             "Write only the final letter of the data."],
+            ["Give the letter that the data ends with."],
+            LastLetter, PlainWords),
     ];
 
     // Declared after AllFamilies in this file: static initialisers run in textual order within a file.
@@ -304,9 +331,16 @@ public static partial class TaskWorld
     /// <summary>
     /// Families left out of the base model's pretraining, for adapters to learn. The first is the LoRA quickstart's
     /// default: its answers are short, so the small embedded model learns it in minutes. Each is close to something the
-    /// base knows (last_word ↔ first_word, uppercase ↔ lowercase, caesar_shift ↔ character copying).
+    /// base knows (last_word and second_word ↔ first_word, uppercase ↔ lowercase, caesar_shift ↔ character copying,
+    /// last_letter ↔ last_word).
     /// </summary>
-    public static IReadOnlyList<string> HeldOutFamilies { get; } = ["last_word", "uppercase", "caesar_shift"];
+    public static IReadOnlyList<string> HeldOutFamilies { get; } = ["last_word", "uppercase", "caesar_shift", "second_word", "last_letter"];
+
+    /// <summary>
+    /// The held-out families whose answers are one short word or a few letters: those the embedded model, weak at copying
+    /// long strings exactly, can learn to high exact match from an adapter in minutes (the MixLoRA quickstart's default).
+    /// </summary>
+    public static IReadOnlyList<string> ShortAnswerHeldOutFamilies { get; } = ["last_word", "second_word", "last_letter"];
 
     /// <summary>Families the base model is pretrained on: <see cref="Families"/> minus <see cref="HeldOutFamilies"/>.</summary>
     public static IReadOnlyList<string> PretrainFamilies { get; } =

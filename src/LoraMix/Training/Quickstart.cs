@@ -10,9 +10,10 @@ using LoraMix.Torch;
 
 namespace LoraMix.Training;
 
-/// <summary>What <see cref="Quickstart.Run"/> trains and where it writes. Defaults per method: <c>lora</c> — r = 16 on every
-/// linear layer, 250 steps of 16 sequences on the first held-out task family (last_word); <c>mixlora</c> — 4 experts, top-2, r = 16 on
-/// all seven projections, over every held-out family at once.</summary>
+/// <summary>What <see cref="Quickstart.Run"/> trains and where it writes. Defaults per method: <c>mixlora</c> (the default) — 4
+/// experts, top-2, r = 16 on all seven projections, 1,500 steps of 16 sequences over the short-answer held-out families at once
+/// (<see cref="TaskWorld.ShortAnswerHeldOutFamilies"/>); <c>lora</c> — r = 16 on every linear layer, 250 steps on the first held-out
+/// family (last_word).</summary>
 public sealed record QuickstartOptions
 {
     /// <summary>The base model directory (the embedded <c>models/loramix-tiny</c> in the CLI).</summary>
@@ -20,8 +21,17 @@ public sealed record QuickstartOptions
     /// <summary>Where the adapter, metrics.jsonl, loss.png and eval_results.json go (replaced if present); null for
     /// <c>out/quickstart-METHOD</c>.</summary>
     public string? OutputDir { get; init; }
-    /// <summary>The adapter method: <c>lora</c> or <c>mixlora</c>.</summary>
-    public string Method { get; init; } = "lora";
+    /// <summary>The adapter method: <c>mixlora</c> (default) or <c>lora</c>.</summary>
+    public string Method { get; init; } = DefaultMethod;
+
+    /// <summary>The method a run uses unless told otherwise.</summary>
+    public const string DefaultMethod = "mixlora";
+
+    /// <summary>Default optimizer steps of the MixLoRA run (three families at once).</summary>
+    public const int DefaultMixLoraSteps = 1500;
+
+    /// <summary>Default optimizer steps of the LoRA run (one family).</summary>
+    public const int DefaultLoraSteps = 250;
     /// <summary>The task families to learn; null for the method's default (families the embedded model never saw).</summary>
     public IReadOnlyList<string>? Families { get; init; }
     /// <summary>Optimizer steps; null for the method's default.</summary>
@@ -39,10 +49,10 @@ public sealed record QuickstartOptions
 
     /// <summary>The families trained and scored.</summary>
     public IReadOnlyList<string> EffectiveFamilies => Families is { Count: > 0 } f ? f
-        : Method == "mixlora" ? TaskWorld.HeldOutFamilies : [TaskWorld.HeldOutFamilies[0]];
+        : Method == "mixlora" ? TaskWorld.ShortAnswerHeldOutFamilies : [TaskWorld.HeldOutFamilies[0]];
 
     /// <summary>The optimizer steps taken.</summary>
-    public int EffectiveSteps => Steps ?? (Method == "mixlora" ? 400 : 250);
+    public int EffectiveSteps => Steps ?? (Method == "mixlora" ? DefaultMixLoraSteps : DefaultLoraSteps);
 
     /// <summary>The output directory.</summary>
     public string EffectiveOutputDir => OutputDir ?? Path.Combine("out", $"quickstart-{Method}");
@@ -55,7 +65,7 @@ public sealed record QuickstartOptions
     public TaskWorldSource TrainSource => new(EffectiveFamilies, EffectiveSteps * BatchSize, Seed: 0, TaskSplit.Train, Placement: null);
 
     /// <summary>Valid method names.</summary>
-    public static IReadOnlyList<string> Methods { get; } = ["lora", "mixlora"];
+    public static IReadOnlyList<string> Methods { get; } = ["mixlora", "lora"];
 }
 
 /// <summary>The outcome of <see cref="Quickstart.Run"/>.</summary>

@@ -40,6 +40,9 @@ public sealed class TaskWorldTests
     [InlineData("caesar_shift", "Zebra", "Cheud")]
     [InlineData("first_word", "moon tree blue", "moon")]
     [InlineData("last_word", "moon tree blue", "blue")]
+    [InlineData("second_word", "moon tree blue", "tree")]
+    [InlineData("last_letter", "moon tree blue", "e")]
+    [InlineData("last_letter", "  cat  dog\t", "g")]
     [InlineData("dedupe_words", "cat dog cat red dog", "cat dog red")]
     [InlineData("vowel_count", "queen tea sky", "5")]
     [InlineData("vowel_count", "sky", "0")]
@@ -50,6 +53,19 @@ public sealed class TaskWorldTests
     {
         Assert.Equal(expected, TaskWorld.Apply(family, input));
         Assert.Equal(expected, TaskWorld.GetFamily(family).Apply(input));
+    }
+
+    [Fact]
+    public void SecondWordInputsHaveAnUnambiguousSecondWord()
+    {
+        foreach (var e in TaskWorld.Generate("second_word", 200, seed: 5))
+        {
+            var w = e.Input.Split(' ');
+            Assert.InRange(w.Length, 3, 7);
+            Assert.NotEqual(w[0], w[1]);
+            Assert.NotEqual(w[^1], w[1]);
+            Assert.Equal(w[1], e.Answer);
+        }
     }
 
     [Fact]
