@@ -84,15 +84,15 @@ internal static class QuickstartCommand
             var inv = CultureInfo.InvariantCulture;
             o.WriteLine();
             o.WriteLine(string.Create(inv, $"exact match on {r.After.Total} held-out examples (test split, {options.EvalExamples} per family):"));
-            o.WriteLine(string.Create(inv, $"  {"family",-14} {"base model",10} {"with adapter",13}"));
+            o.WriteLine(string.Create(inv, $"  {"family",-14} {"base model",15} {"with adapter",15}"));
             foreach (var f in r.Families)
             {
                 var (bc, bt) = r.Before.ByFamily.GetValueOrDefault(f);
                 var (ac, at) = r.After.ByFamily.GetValueOrDefault(f);
-                o.WriteLine(string.Create(inv, $"  {f,-14} {Pct(bc, bt),10} {Pct(ac, at),13}"));
+                o.WriteLine(string.Create(inv, $"  {f,-14} {Pct(bc, bt),15} {Pct(ac, at),15}"));
             }
             if (r.Families.Count > 1)
-                o.WriteLine(string.Create(inv, $"  {"all",-14} {Pct(r.Before.Correct, r.Before.Total),10} {Pct(r.After.Correct, r.After.Total),13}"));
+                o.WriteLine(string.Create(inv, $"  {"all",-14} {Pct(r.Before.Correct, r.Before.Total),15} {Pct(r.After.Correct, r.After.Total),15}"));
             if (r.Specialisation is { } spec)
             {
                 o.WriteLine();
