@@ -1,4 +1,5 @@
 using System.CommandLine;
+using System.CommandLine.Help;
 
 namespace LoraMix.Cli;
 
@@ -10,9 +11,16 @@ public static class CliApp
     /// <summary>Exit code for a command line that does not parse.</summary>
     public const int ExitUsage = 2;
 
-    public static RootCommand BuildRoot(TextReader? stdin = null)
+    /// <summary>The name the tool is installed as and that usage and help text show, whatever the entry assembly is called
+    /// (System.CommandLine's <see cref="RootCommand"/> takes the name of the executable, here <c>LoraMix.Cli</c>).</summary>
+    public const string CommandName = "loramix";
+
+    public static Command BuildRoot(TextReader? stdin = null)
     {
-        var root = new RootCommand("LoraMix: run, fine-tune and serve mixtures of LoRA experts on Llama-family models.");
+        var root = new Command(CommandName, "LoraMix: run, fine-tune and serve mixtures of LoRA experts on Llama-family models.")
+        {
+            Options = { new HelpOption(), new VersionOption() },
+        };
         root.Subcommands.Add(TextCommands.Generate());
         root.Subcommands.Add(TextCommands.Chat(stdin ?? Console.In));
         root.Subcommands.Add(TextCommands.Tokenize());
