@@ -15,6 +15,10 @@ public static class CliApp
     /// (System.CommandLine's <see cref="RootCommand"/> takes the name of the executable, here <c>LoraMix.Cli</c>).</summary>
     public const string CommandName = "loramix";
 
+    /// <summary>How to call the CLI again in a printed hint: <c>./loramix</c> inside a checkout (the script at the
+    /// repository root), else <c>loramix</c> (the installed tool).</summary>
+    public static string Invocation => File.Exists(Path.Combine(Directory.GetCurrentDirectory(), CommandName)) ? "./" + CommandName : CommandName;
+
     public static Command BuildRoot(TextReader? stdin = null)
     {
         var root = new Command(CommandName, "LoraMix: run, fine-tune and serve mixtures of LoRA experts on Llama-family models.")

@@ -116,7 +116,7 @@ internal static class QuickstartCommand
             o.WriteLine($"loss curve:  {r.LossPlotPath}");
             if (r.ExpertLoadPlotPath is not null) o.WriteLine($"expert load: {r.ExpertLoadPlotPath}");
             o.WriteLine(string.Create(inv, $"done in {r.Seconds:F0} s (training {r.TrainSeconds:F0} s)."));
-            o.WriteLine($"next:        ./loramix chat --model {r.ModelDir} --adapter {r.AdapterDir}");
+            o.WriteLine($"next:        {CliApp.Invocation} chat --model {r.ModelDir} --adapter {r.AdapterDir}");
             return 0;
         });
         return cmd;

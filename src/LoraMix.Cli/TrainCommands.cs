@@ -105,8 +105,8 @@ internal static class TrainCommands
         if (result.ExactMatch is { } em)
             o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"exact match: {em.Accuracy:P1} ({em.Correct}/{em.Total}) on the evaluation set"));
         string next = result.AdapterDir is not null
-            ? $"./loramix chat --model {result.ModelDir} --adapter {result.AdapterDir}"
-            : $"./loramix chat --model {result.ModelDir}";
+            ? $"{CliApp.Invocation} chat --model {result.ModelDir} --adapter {result.AdapterDir}"
+            : $"{CliApp.Invocation} chat --model {result.ModelDir}";
         o.WriteLine($"next:        {next}");
     }
 
