@@ -4,8 +4,12 @@ namespace LoraMix.Tokenization;
 
 /// <summary>
 /// Renders a conversation with a chat template into token ids, one privilege label, one loss flag, one message index
-/// and one content flag per token. Template text is renderer-owned (privilege <see cref="Privilege.System"/>); each
-/// message's content is encoded on its own, untrusted content always as plain text. See docs/CHAT_TEMPLATES.md.
+/// and one content flag per token. Template text is renderer-owned (privilege <see cref="Privilege.System"/>), except
+/// the framing of an untrusted (<c>tool</c>/<c>data</c>) message — its role header, its wrapper tags and the end of its
+/// turn — which is labelled <see cref="Privilege.Untrusted"/> like its content: every untrusted message therefore yields
+/// untrusted tokens even when its content is empty, whitespace a template trims, or only markers that neutralisation
+/// deletes, so the hardened router's freeze starts at every untrusted message. Each message's content is encoded on its
+/// own, untrusted content always as plain text. See docs/CHAT_TEMPLATES.md.
 /// </summary>
 /// <remarks>Thread-safe when the tokenizer is (rendering keeps no state between calls).</remarks>
 public sealed class ChatRenderer
@@ -133,19 +137,19 @@ public sealed class ChatRenderer
             var m = msgs[i];
             if (i == 0) b.Special(_bos!, i);
             string role = m.Role switch { ChatRole.Tool => "ipython", ChatRole.Data => "user", _ => m.Role.ToName() };
-            b.Special(StartHeader, i);
-            b.Template(role, i);
-            b.Special(EndHeader, i);
-            b.Template("\n\n", i);
+            b.FrameSpecial(StartHeader, i);
+            b.Frame(role, i);
+            b.FrameSpecial(EndHeader, i);
+            b.Frame("\n\n", i);
             string content = b.Contents[i].Trim();
             if (m.Role == ChatRole.Data)
             {
-                b.Template("<data>\n", i);
+                b.Frame("<data>\n", i);
                 b.Content(content, i);
-                b.Template("\n</data>", i);
+                b.Frame("\n</data>", i);
             }
             else b.Content(content, i);
-            b.Special(EotId, i, closesAssistant: m.Role == ChatRole.Assistant);
+            b.FrameSpecial(EotId, i, closesAssistant: m.Role == ChatRole.Assistant);
         }
         if (b.Options.AddGenerationPrompt)
         {
@@ -175,25 +179,25 @@ public sealed class ChatRenderer
                     // As Qwen2.5/Qwen3: consecutive tool results share one user turn.
                     if (i == 0 || msgs[i - 1].Role != ChatRole.Tool)
                     {
-                        b.Special(ImStart, i);
-                        b.Template("user", i);
+                        b.FrameSpecial(ImStart, i);
+                        b.Frame("user", i);
                     }
-                    b.Template("\n<tool_response>\n", i);
+                    b.Frame("\n<tool_response>\n", i);
                     b.Content(b.Contents[i], i);
-                    b.Template("\n</tool_response>", i);
+                    b.Frame("\n</tool_response>", i);
                     if (i == msgs.Count - 1 || msgs[i + 1].Role != ChatRole.Tool)
                     {
-                        b.Special(ImEnd, i);
-                        b.Template("\n", i);
+                        b.FrameSpecial(ImEnd, i);
+                        b.Frame("\n", i);
                     }
                     break;
                 case ChatRole.Data:
-                    b.Special(ImStart, i);
-                    b.Template("user\n<data>\n", i);
+                    b.FrameSpecial(ImStart, i);
+                    b.Frame("user\n<data>\n", i);
                     b.Content(b.Contents[i], i);
-                    b.Template("\n</data>", i);
-                    b.Special(ImEnd, i);
-                    b.Template("\n", i);
+                    b.Frame("\n</data>", i);
+                    b.FrameSpecial(ImEnd, i);
+                    b.Frame("\n", i);
                     break;
                 default:
                     b.Special(ImStart, i);
@@ -293,14 +297,14 @@ public sealed class ChatRenderer
                 switch (msgs[p].Role)
                 {
                     case ChatRole.Tool:
-                        b.Template("<tool_response>\n", p);
+                        b.Frame("<tool_response>\n", p);
                         b.Content(b.Contents[p], p);
-                        b.Template("\n</tool_response>", p);
+                        b.Frame("\n</tool_response>", p);
                         break;
                     case ChatRole.Data:
-                        b.Template("<data>\n", p);
+                        b.Frame("<data>\n", p);
                         b.Content(b.Contents[p], p);
-                        b.Template("\n</data>", p);
+                        b.Frame("\n</data>", p);
                         break;
                     default:
                         b.Content(b.Contents[p], p);
@@ -340,14 +344,14 @@ public sealed class ChatRenderer
             switch (b.Messages[i].Role)
             {
                 case ChatRole.Tool:
-                    b.Template("<tool_response>\n", i);
+                    b.Frame("<tool_response>\n", i);
                     b.Content(b.Contents[i], i);
-                    b.Template("\n</tool_response>", i);
+                    b.Frame("\n</tool_response>", i);
                     break;
                 case ChatRole.Data:
-                    b.Template("<data>\n", i);
+                    b.Frame("<data>\n", i);
                     b.Content(b.Contents[i], i);
-                    b.Template("\n</data>", i);
+                    b.Frame("\n</data>", i);
                     break;
                 default:
                     b.Content(b.Contents[i], i);
@@ -399,6 +403,17 @@ public sealed class ChatRenderer
                 isContent.Add(seg.IsContent);
             }
             text.Append(seg.Text);
+        }
+        // The hardened router freezes at the first untrusted token: every untrusted message must have produced one
+        // (its framing does in every template); fail closed rather than render a chat whose data escapes the freeze.
+        var labelled = new bool[messages.Count];
+        for (int i = 0; i < ids.Count; i++)
+            if (msgIdx[i] >= 0 && priv[i] == Privilege.Untrusted) labelled[msgIdx[i]] = true;
+        for (int m = 0; m < messages.Count; m++)
+        {
+            if (messages[m].IsUntrusted && !labelled[m])
+                throw new ChatTemplateException(Template.Name, m,
+                    $"the {messages[m].Role.ToName()} message rendered no untrusted token, so the router's freeze could not start at it");
         }
         return new RenderedChat(Tokenizer, Template, messages, [.. ids], [.. priv], [.. loss], [.. msgIdx], [.. isContent],
             text.ToString(), spans);
@@ -453,6 +468,17 @@ public sealed class ChatRenderer
 
         public Segment Template(string text, int message, bool closesAssistant = false) =>
             Add(new Segment(SegmentKind.Template, text, message, Privilege.System, false, closesAssistant ? message : -1, true));
+
+        /// <summary>Template text that frames message <paramref name="message"/> alone (its role header, wrapper tags,
+        /// end of turn): untrusted when the message is, so that an untrusted message always yields untrusted tokens.</summary>
+        public Segment Frame(string text, int message, bool closesAssistant = false) =>
+            Add(new Segment(SegmentKind.Template, text, message, FramePrivilege(message), false, closesAssistant ? message : -1, true));
+
+        /// <summary>A special token that frames message <paramref name="message"/> alone (see <see cref="Frame"/>).</summary>
+        public Segment FrameSpecial(string token, int message, bool closesAssistant = false) =>
+            Add(new Segment(SegmentKind.Special, token, message, FramePrivilege(message), false, closesAssistant ? message : -1, true));
+
+        private Privilege FramePrivilege(int message) => Messages[message].IsUntrusted ? Privilege.Untrusted : Privilege.System;
 
         public Segment Content(string text, int message)
         {

@@ -58,7 +58,9 @@ public sealed class RenderedChat
     /// <summary>Token ids (BOS/EOS exactly where the template writes them).</summary>
     public int[] Ids { get; }
 
-    /// <summary>Per token: template tokens <see cref="Privilege.System"/>, content tokens their role's privilege.</summary>
+    /// <summary>Per token: content tokens their role's privilege; template tokens <see cref="Privilege.System"/>, except
+    /// the framing of an untrusted message (role header, wrapper tags, end of turn), which is
+    /// <see cref="Privilege.Untrusted"/> like its content.</summary>
     public Privilege[] Privileges { get; }
 
     /// <summary>Per token: true on assistant content and the end-of-turn token closing it (per <see cref="ChatLoss"/>).</summary>
@@ -79,7 +81,9 @@ public sealed class RenderedChat
     /// <summary>Number of tokens.</summary>
     public int Length => Ids.Length;
 
-    /// <summary>Position of the first untrusted token, or -1 when there is none (the hardened router freezes there).</summary>
+    /// <summary>Position of the first untrusted token — the first token of the first <c>tool</c>/<c>data</c> message's
+    /// framing, whether or not its content produced tokens — or -1 when there is no untrusted message (the hardened router
+    /// freezes there).</summary>
     public int FirstUntrustedPosition => Array.IndexOf(Privileges, Privilege.Untrusted);
 
     /// <summary>The token range of message <paramref name="messageIndex"/>'s content (empty at the message's position

@@ -3,8 +3,10 @@ using LoraMix.Tokenization;
 
 namespace LoraMix.Tests.Tokenization;
 
-/// <summary>Random conversations (valid for every family): the labels line up with the ids, untrusted labels occur
-/// only on tool/data content, that content never holds an added token, and rendering is deterministic.</summary>
+/// <summary>Random conversations (valid for every family; contents include empty strings, whitespace and strings made
+/// only of markers): the labels line up with the ids, untrusted labels occur only on tool/data messages (content and
+/// framing), every tool/data message yields an untrusted token and the freeze point precedes it, that content never
+/// holds an added token, and rendering is deterministic.</summary>
 public sealed class ChatRenderPropertyTests
 {
     private static readonly string[] Fragments =
@@ -84,7 +86,9 @@ public sealed class ChatRenderPropertyTests
             {
                 int m = r.MessageIndices[i];
                 bool untrustedContent = r.IsContent[i] && x.Chat[m].IsUntrusted;
-                Assert.Equal(untrustedContent, r.Privileges[i] == Privilege.Untrusted);
+                // untrusted: all of a tool/data message's content and its framing, nothing else
+                if (untrustedContent) Assert.Equal(Privilege.Untrusted, r.Privileges[i]);
+                if (r.Privileges[i] == Privilege.Untrusted) Assert.True(m >= 0 && x.Chat[m].IsUntrusted);
                 if (untrustedContent) Assert.DoesNotContain(r.Ids[i], added);
             }
             if (x.Options.Loss == ChatLoss.None) Assert.Equal(0, r.LossTokenCount);

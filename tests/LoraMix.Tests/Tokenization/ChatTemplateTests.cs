@@ -143,12 +143,18 @@ public sealed class ChatTemplateTests
         // Generation prompt: <|start_header_id|>assistant<|end_header_id|>\n\n
         Assert.Equal([-1, -1, -1, -1], r.MessageIndices[^4..]);
         Assert.All(r.Privileges[^4..], p => Assert.Equal(Privilege.System, p));
-        // The data turn is a user turn whose <data> tags are template text; only the document is untrusted.
+        // The data turn is a user turn whose header, <data> tags and end of turn are template text labelled untrusted
+        // with the document: the freeze starts at the turn's header, even when the document is empty.
         Assert.EndsWith("<|start_header_id|>user<|end_header_id|>\n\n<data>\ndoc\n</data><|eot_id|><|start_header_id|>user<|end_header_id|>\n\nQ<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n", r.Text);
         var (s, e) = ChatLabelChecks.ContentSpan(r, 1);
         Assert.Equal("doc", ChatLabelChecks.RawText(tok, r.Ids.AsSpan(s, e - s)));
-        Assert.Equal(s, r.FirstUntrustedPosition);
-        Assert.Equal(e - s, r.Privileges.Count(p => p == Privilege.Untrusted));
+        int header = Array.IndexOf(r.MessageIndices, 1);
+        int end = Array.LastIndexOf(r.MessageIndices, 1) + 1;
+        Assert.Equal("<|start_header_id|>", tok.TokenPiece(r.Ids[header]));
+        Assert.Equal("<|eot_id|>", tok.TokenPiece(r.Ids[end - 1]));
+        Assert.Equal(header, r.FirstUntrustedPosition);
+        Assert.All(r.Privileges[header..end], p => Assert.Equal(Privilege.Untrusted, p));
+        Assert.Equal(end - header, r.Privileges.Count(p => p == Privilege.Untrusted));
         Assert.Equal(new Range(s, e), r.ContentRange(1));
     }
 

@@ -82,9 +82,12 @@ internal static class ChatLabelChecks
         {
             int m = r.MessageIndices[i];
             Assert.InRange(m, -1, r.Messages.Count - 1);
+            bool untrustedMessage = m >= 0 && r.Messages[m].Role is ChatRole.Tool or ChatRole.Data;
             if (!r.IsContent[i])
             {
-                Assert.True(r.Privileges[i] == Privilege.System, $"template token {i} is labelled {r.Privileges[i]}");
+                // template text is system, except (part of) the framing of a tool/data message, which is untrusted
+                Assert.True(r.Privileges[i] == Privilege.System || (untrustedMessage && r.Privileges[i] == Privilege.Untrusted),
+                    $"template token {i} is labelled {r.Privileges[i]}");
             }
             else
             {
@@ -92,15 +95,44 @@ internal static class ChatLabelChecks
                 Assert.Equal(r.Messages[m].Role.PrivilegeOf(), r.Privileges[i]);
             }
             if (r.Privileges[i] == Privilege.Untrusted)
-                Assert.True(r.IsContent[i] && r.Messages[m].Role is ChatRole.Tool or ChatRole.Data,
-                    $"untrusted token {i} outside tool/data content");
+                Assert.True(untrustedMessage, $"untrusted token {i} outside a tool/data message");
             if (r.LossMask[i])
                 Assert.True(m >= 0 && r.Messages[m].Role == ChatRole.Assistant, $"loss on token {i} outside an assistant message");
         }
         for (int m = 0; m < r.Messages.Count; m++) ContentSpan(r, m);
+        AssertFreezeStartsAtFirstUntrustedMessage(r);
         var shown = new StringBuilder();
         foreach (var s in r.Spans) shown.Append(s.Text);
         Assert.Equal(r.Text, shown.ToString());
+    }
+
+    /// <summary>The hardened router's freeze point: every tool/data message has at least one untrusted token whatever its
+    /// content (empty, trimmed whitespace, deleted markers), and <see cref="RenderedChat.FirstUntrustedPosition"/> is -1
+    /// exactly when there is none and otherwise precedes every token of the first untrusted message's content and every
+    /// token of later messages and of the generation prompt.</summary>
+    public static void AssertFreezeStartsAtFirstUntrustedMessage(RenderedChat r)
+    {
+        int u = -1;
+        for (int m = 0; m < r.Messages.Count; m++)
+        {
+            if (!r.Messages[m].IsUntrusted) continue;
+            if (u < 0) u = m;
+            Assert.True(Enumerable.Range(0, r.Length).Any(i => r.MessageIndices[i] == m && r.Privileges[i] == Privilege.Untrusted),
+                $"{r.Messages[m].Role.ToName()} message {m} has no untrusted token");
+        }
+        int first = r.FirstUntrustedPosition;
+        if (u < 0)
+        {
+            Assert.Equal(-1, first);
+            return;
+        }
+        Assert.True(first >= 0, "an untrusted message but no untrusted token");
+        for (int i = 0; i < first; i++)
+        {
+            int m = r.MessageIndices[i];
+            Assert.True(!(m > u || (m == u && r.IsContent[i]) || (m == -1 && i > 0 && r.MessageIndices.Take(i).Any(x => x >= u))),
+                $"token {i} (message {m}) precedes the freeze at {first}");
+        }
     }
 
     /// <summary>The message's content as the family renders it (trimmed/stripped where the template says so), with the
