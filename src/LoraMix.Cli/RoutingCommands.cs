@@ -21,10 +21,8 @@ internal static class RoutingCommands
         var adapter = new Option<string>("--adapter") { Description = "A MixLoRA adapter directory (adapter_config.json with peft_type MIXLORA).", Required = true };
         var chat = new Option<string>("--chat") { Description = "A JSON file: a list of {\"role\", \"content\"} (roles system, user, assistant, tool, data).", Required = true };
         var output = new Option<string>("--out", "-o") { Description = $"Output directory for {TraceFileName} and {HeatmapFileName}.", Required = true };
-        var policy = new Option<string?>("--router-policy") { Description = "Route with this policy instead of the adapter's router_policy: free or privileged." };
-        policy.AcceptOnlyFromAmong([.. MixLoraConfig.RouterPolicies]);
-        var snapshot = new Option<string?>("--privileged-snapshot") { Description = "Snapshot of the privileged policy: last or pooled (default: the adapter's, else last)." };
-        snapshot.AcceptOnlyFromAmong([.. MixLoraConfig.PrivilegedSnapshots]);
+        var routerOptions = new RouterPolicyOptions();
+        var (policy, snapshot) = (routerOptions.Policy, routerOptions.Snapshot);
         var template = new Option<string?>("--template") { Description = $"Chat template: {string.Join(", ", ChatTemplate.Names)} (default: from tokenizer_config.json)." };
         var generate = new Option<int>("--generate") { Description = "Greedy tokens to generate and trace after the prompt (default 0: the prompt only).", DefaultValueFactory = _ => 0 };
         var ignoreEos = new Option<bool>("--ignore-eos") { Description = "Generate all --generate tokens: do not stop at EOS or end-of-turn tokens." };
@@ -82,6 +80,58 @@ internal static class RoutingCommands
             return 0;
         });
         return cmd;
+    }
+
+    /// <summary><c>--router-policy</c> and <c>--privileged-snapshot</c>, shared by every verb that runs a MixLoRA adapter
+    /// (generate, chat, eval, inspect-routing), and the notice of the active policy.</summary>
+    internal sealed class RouterPolicyOptions
+    {
+        public Option<string?> Policy { get; } = new("--router-policy")
+        {
+            Description = "Route the MixLoRA adapter with this policy instead of its router_policy: free or privileged (frozen from the first tool/data message on).",
+        };
+
+        public Option<string?> Snapshot { get; } = new("--privileged-snapshot")
+        {
+            Description = "Snapshot of the privileged policy: last or pooled (default: the adapter's, else last).",
+        };
+
+        public RouterPolicyOptions()
+        {
+            Policy.AcceptOnlyFromAmong([.. MixLoraConfig.RouterPolicies]);
+            Snapshot.AcceptOnlyFromAmong([.. MixLoraConfig.PrivilegedSnapshots]);
+        }
+
+        public IEnumerable<Option> All => [Policy, Snapshot];
+
+        /// <summary>The override the command line asks for, or null. Checked before any model loads: the options need a
+        /// MixLoRA adapter among <paramref name="adapters"/>.</summary>
+        public IRouterPolicy? Resolve(ParseResult p, IReadOnlyList<string> adapters)
+        {
+            string? name = p.GetValue(Policy), snap = p.GetValue(Snapshot);
+            if (name is null && snap is null) return null;
+            string? mixLora = adapters.FirstOrDefault(a => AdapterDirectory.Detect(a) == AdapterKind.MixLora);
+            if (mixLora is null)
+                throw new LoraMixException((name is not null ? "--router-policy" : "--privileged-snapshot") +
+                                           " applies to a MixLoRA adapter, and none was given with --adapter (LoRA adapters have no router)");
+            return ResolvePolicy(MixLoraConfig.Load(Path.Combine(mixLora, MixLoraAdapters.ConfigFileName)), name, snap);
+        }
+
+        /// <summary>Writes, once, which router policy the engine's MixLoRA adapter routes with and where it came from;
+        /// nothing when no adapter has a router.</summary>
+        public static void Announce(ChatEngine engine, IReadOnlyList<string> adapters, TextWriter error)
+        {
+            if (engine.RouterPolicy is not { } active) return;
+            string path = Path.Combine(adapters.First(a => AdapterDirectory.Detect(a) == AdapterKind.MixLora), MixLoraAdapters.ConfigFileName);
+            string source = engine.RouterPolicySource switch
+            {
+                RouterPolicySource.Override => "from --router-policy",
+                RouterPolicySource.AdapterConfig => $"router_policy of {path}",
+                _ => $"{path} has no router_policy, MoE-PEFT's default: untrusted text can steer the experts; " +
+                     "--router-policy privileged freezes routing from the first tool/data message",
+            };
+            error.WriteLine($"router policy: {active.Describe()} ({source})");
+        }
     }
 
     /// <summary>The policy the command line asks for, or null to keep the adapter's <c>router_policy</c>. The snapshot

@@ -25,12 +25,13 @@ internal static class TextCommands
         public Option<long?> Seed { get; } = new("--seed") { Description = "Random seed (same seed, same output)." };
         public Option<string?> Stop { get; } = new("--stop-ids") { Description = "Extra stop token ids, comma-separated." };
         public Option<bool> IgnoreEos { get; } = new("--ignore-eos") { Description = "Do not stop at EOS or end-of-turn tokens." };
-        public Option<string[]> Adapter { get; } = new("--adapter") { Description = "PEFT LoRA adapter directory to apply (repeatable).", AllowMultipleArgumentsPerToken = false };
+        public Option<string[]> Adapter { get; } = new("--adapter") { Description = "Adapter directory to apply: PEFT LoRA (repeatable, summed) or one MoE-PEFT MixLoRA.", AllowMultipleArgumentsPerToken = false };
         public Option<string?> Template { get; } = new("--template") { Description = $"Chat template: {string.Join(", ", ChatTemplate.Names)} (default: from tokenizer_config.json)." };
         public Option<string> Device { get; } = ModelCommands.DeviceOption();
         public Option<string> DType { get; } = ModelCommands.DTypeOption("f32");
+        public RoutingCommands.RouterPolicyOptions Router { get; } = new();
 
-        public IEnumerable<Option> All => [MaxNew, Temperature, TopK, TopP, Repetition, Seed, Stop, IgnoreEos, Adapter, Template, Device, DType];
+        public IEnumerable<Option> All => [MaxNew, Temperature, TopK, TopP, Repetition, Seed, Stop, IgnoreEos, Adapter, Template, Device, DType, .. Router.All];
 
         public GenerationOptions Generation(ParseResult p)
         {
@@ -49,13 +50,23 @@ internal static class TextCommands
             return o;
         }
 
-        public ChatEngine LoadEngine(ParseResult p, string model) => ChatEngine.Load(model, new EngineOptions
+        /// <summary>Loads the engine with the adapters and the router policy the command line gives, and says on stderr
+        /// which policy a MixLoRA adapter routes with.</summary>
+        public ChatEngine LoadEngine(ParseResult p, string model)
         {
-            Device = TorchRuntime.ParseDevice(p.GetValue(Device)!),
-            DType = TorchRuntime.ParseDType(p.GetValue(DType)!),
-            Adapters = p.GetValue(Adapter) ?? [],
-            Template = p.GetValue(Template),
-        });
+            var adapters = p.GetValue(Adapter) ?? [];
+            var policy = Router.Resolve(p, adapters);
+            var engine = ChatEngine.Load(model, new EngineOptions
+            {
+                Device = TorchRuntime.ParseDevice(p.GetValue(Device)!),
+                DType = TorchRuntime.ParseDType(p.GetValue(DType)!),
+                Adapters = adapters,
+                Template = p.GetValue(Template),
+                RouterPolicy = policy,
+            });
+            RoutingCommands.RouterPolicyOptions.Announce(engine, adapters, p.InvocationConfiguration.Error);
+            return engine;
+        }
     }
 
     public static Command Generate()

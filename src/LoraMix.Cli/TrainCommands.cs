@@ -124,24 +124,30 @@ internal static class TrainCommands
         var json = new Option<bool>("--json") { Description = "Print the results as one JSON object." };
         var device = ModelCommands.DeviceOption();
         var dtype = ModelCommands.DTypeOption("f32");
+        var router = new RoutingCommands.RouterPolicyOptions();
         var cmd = new Command("eval", "Evaluate a model (and adapter) on a dataset: loss, perplexity, and exact match overall and per family when records have answers.")
         {
-            model, adapter, dataset, template, maxNew, cutoff, batch, skipBad, noExact, json, device, dtype,
+            model, adapter, dataset, template, maxNew, cutoff, batch, skipBad, noExact, json, device, dtype, router.Policy, router.Snapshot,
         };
         cmd.SetAction(p =>
         {
             string file = p.GetValue(dataset)!;
             var data = DatasetReader.Load(file, DatasetFormat.Auto, p.GetValue(skipBad));   // bad input fails before the model loads
+            var adapters = p.GetValue(adapter) ?? [];
+            var policy = router.Resolve(p, adapters);
             using var engine = ChatEngine.Load(p.GetValue(model)!, new EngineOptions
             {
                 Device = TorchRuntime.ParseDevice(p.GetValue(device)!),
                 DType = TorchRuntime.ParseDType(p.GetValue(dtype)!),
-                Adapters = p.GetValue(adapter) ?? [],
+                Adapters = adapters,
                 Template = p.GetValue(template),
+                RouterPolicy = policy,
             });
+            RoutingCommands.RouterPolicyOptions.Announce(engine, adapters, p.InvocationConfiguration.Error);
             var skipped = data.Skipped.ToList();
             var rendered = TrainingData.FromRecords(data.Records, engine.Renderer, trainOnPrompt: false, p.GetValue(skipBad), file, skipped);
-            var loss = Trainer.Evaluate(engine.Model, [.. rendered.Select(r => r.Example)], p.GetValue(cutoff), p.GetValue(batch));
+            var loss = Trainer.Evaluate(engine.Model, [.. rendered.Select(r => r.Example)], p.GetValue(cutoff), p.GetValue(batch),
+                objective: new CausalLmObjective(engine.RouterPolicyOverride));
             ExactMatchReport? exact = null;
             var answerable = rendered.Select(r => r.Record).Where(r => r.Messages is not null && r.ExpectedAnswer is not null).ToList();
             if (!p.GetValue(noExact) && answerable.Count > 0)

@@ -162,6 +162,27 @@ public sealed class ConfigDocument
             : throw Wrong(key, "a string", n);
     }
 
+    /// <summary>Like <see cref="String(string, string?)"/>, but an explicit null (<c>key:</c> or <c>key: null</c>) is an
+    /// error instead of the default: for keys whose silent default would weaken a guarantee (<c>router_policy</c>).</summary>
+    public string NonNullString(string key, string defaultValue)
+    {
+        RejectNull(key);
+        return String(key, defaultValue)!;
+    }
+
+    /// <summary>Like <see cref="Bool(string, bool)"/>, but an explicit null is an error.</summary>
+    public bool NonNullBool(string key, bool defaultValue)
+    {
+        RejectNull(key);
+        return Bool(key, defaultValue);
+    }
+
+    private void RejectNull(string key)
+    {
+        if (Has(key) && Lookup(key, out _) is null)
+            throw new ConfigFileException(Source, key, "is null; give a value or leave the key out for the default");
+    }
+
     public string RequiredString(string key) =>
         String(key) ?? throw new ConfigFileException(Source, key, "missing (required)");
 

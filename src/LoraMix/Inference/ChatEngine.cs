@@ -27,6 +27,23 @@ public sealed record EngineOptions
 
     /// <summary>Tokenizer directory; null uses the model directory.</summary>
     public string? TokenizerDirectory { get; init; }
+
+    /// <summary>Route the MixLoRA adapter with this policy instead of its configured <c>router_policy</c> (null: the
+    /// adapter's). Every call of the engine uses it: generation, chats, batches, tracing. Requires a MixLoRA adapter.</summary>
+    public IRouterPolicy? RouterPolicy { get; init; }
+}
+
+/// <summary>Where <see cref="ChatEngine.RouterPolicy"/> came from.</summary>
+public enum RouterPolicySource
+{
+    /// <summary>No adapter with a router is loaded.</summary>
+    None,
+    /// <summary><see cref="EngineOptions.RouterPolicy"/>.</summary>
+    Override,
+    /// <summary>The adapter's <c>router_policy</c> key.</summary>
+    AdapterConfig,
+    /// <summary>The adapter's config has no <c>router_policy</c> (a MoE-PEFT adapter): MixLoRA's free routing.</summary>
+    Default,
 }
 
 /// <summary>The result of one generation: text, ids (without the prompt and the stop token) and why it ended.</summary>
@@ -44,10 +61,15 @@ public sealed class ChatEngine : IDisposable
     private readonly string _modelDirectory;
 
     private ChatEngine(LlamaForCausalLM model, TextTokenizer? tokenizer, ChatTemplate? template, string modelDirectory,
-        MixLoraConfig? mixLora)
+        MixLoraConfig? mixLora, IRouterPolicy? policyOverride, bool policyKeyPresent)
     {
+        RouterPolicySource = policyOverride is not null ? RouterPolicySource.Override
+            : mixLora is null ? RouterPolicySource.None
+            : policyKeyPresent ? RouterPolicySource.AdapterConfig : RouterPolicySource.Default;
         Model = model;
         MixLora = mixLora;
+        RouterPolicyOverride = policyOverride;
+        RouterPolicy = policyOverride ?? mixLora?.CreatePolicy();
         _tokenizer = tokenizer;
         _modelDirectory = modelDirectory;
         if (tokenizer is not null && (template is not null || tokenizer.ChatTemplate is not null))
@@ -68,6 +90,21 @@ public sealed class ChatEngine : IDisposable
 
     /// <summary>The loaded MixLoRA adapter's config, or null when no MixLoRA adapter is loaded.</summary>
     public MixLoraConfig? MixLora { get; }
+
+    /// <summary>The router policy every call routes with: <see cref="EngineOptions.RouterPolicy"/>, else the MixLoRA
+    /// adapter's <c>router_policy</c>; null when no adapter has a router.</summary>
+    public IRouterPolicy? RouterPolicy { get; }
+
+    /// <summary>Where <see cref="RouterPolicy"/> came from.</summary>
+    public RouterPolicySource RouterPolicySource { get; }
+
+    /// <summary>The policy given in <see cref="EngineOptions.RouterPolicy"/>, or null when the adapter's own is used.</summary>
+    public IRouterPolicy? RouterPolicyOverride { get; }
+
+    /// <summary>A routing context for one call: the engine's policy override travels in it. Raw ids (no labels) get one
+    /// only when there is an override, so that a privileged override fails closed as a privileged adapter does.</summary>
+    private RoutingContext? NewRouting(bool labelled) =>
+        labelled || RouterPolicyOverride is not null ? new RoutingContext { Policy = RouterPolicyOverride } : null;
 
     /// <summary>The tokenizer; throws when the model directory has none.</summary>
     public TextTokenizer Tokenizer => _tokenizer ?? throw new TokenizerFileException(_modelDirectory, null,
@@ -96,6 +133,9 @@ public sealed class ChatEngine : IDisposable
         if (options.TokenizerDirectory is not null && tokenizer is null)
             throw new TokenizerFileException(tokDir, null, "no tokenizer.json or tokenizer.model in this directory");
         ChatTemplate? template = options.Template is null ? null : ChatTemplate.Parse(options.Template);
+        if (options.RouterPolicy is not null && !options.Adapters.Any(a => AdapterDirectory.Detect(a) == AdapterKind.MixLora))
+            throw new LoraMixException($"a router policy ({options.RouterPolicy.Describe()}) was given, but no MixLoRA adapter is loaded: " +
+                                       "only MixLoRA adapters have a router (plain LoRA adapters route nothing)");
         var model = LlamaForCausalLM.FromPretrained(modelDirectory, options.Device, options.DType);
         try
         {
@@ -103,8 +143,13 @@ public sealed class ChatEngine : IDisposable
             if (kinds.Contains(AdapterKind.MixLora) && kinds.Count > 1)
                 throw new LoraMixException($"a MixLoRA adapter is loaded on its own; got {kinds.Count} adapters ({string.Join(", ", options.Adapters)})");
             MixLoraConfig? mixLora = null;
+            bool policyKey = false;
             if (kinds is [AdapterKind.MixLora])
+            {
                 mixLora = MixLoraAdapters.Load(model, options.Adapters[0]);
+                policyKey = AdapterFiles.ReadConfigObject(Path.Combine(options.Adapters[0], MixLoraAdapters.ConfigFileName), "MixLoRA")
+                    .ContainsKey("router_policy");
+            }
             else
             {
                 for (int i = 0; i < options.Adapters.Count; i++)
@@ -113,7 +158,7 @@ public sealed class ChatEngine : IDisposable
                     LoraAdapters.SetActive(model, [.. Enumerable.Range(0, options.Adapters.Count).Select(i => $"adapter{i}")]);
             }
             model.eval();
-            return new ChatEngine(model, tokenizer, template, modelDirectory, mixLora);
+            return new ChatEngine(model, tokenizer, template, modelDirectory, mixLora, options.RouterPolicy, policyKey);
         }
         catch
         {
@@ -168,7 +213,7 @@ public sealed class ChatEngine : IDisposable
         {
             var stream = _tokenizer?.CreateStreamDecoder(skipSpecialTokens: true);
             var text = new System.Text.StringBuilder();
-            using var routing = privileges is null ? null : new RoutingContext();
+            using var routing = NewRouting(privileges is not null);
             var result = new TokenGenerator(Model).Generate([promptIds], effective, routing, privileges is null ? null : [privileges], (_, id) =>
             {
                 if (stream is null) return;
@@ -225,7 +270,7 @@ public sealed class ChatEngine : IDisposable
             int done = 0;
             foreach (var chunk in order.Chunk(batchSize))
             {
-                using var routing = privileges is null ? null : new RoutingContext();
+                using var routing = NewRouting(privileges is not null);
                 var outs = generator.Generate(chunk.Select(i => (IReadOnlyList<int>)prompts[i]).ToList(), effective, routing,
                     privileges is null ? null : chunk.Select(i => (IReadOnlyList<Privilege>)privileges[i]).ToList(), null, cancellationToken);
                 for (int j = 0; j < chunk.Length; j++)
@@ -271,7 +316,7 @@ public sealed class ChatEngine : IDisposable
         var mixLora = MixLora ?? throw new LoraMixException(
             "routing can only be traced through a MixLoRA adapter, and none is loaded (LoRA adapters have no router)");
         var chat = RenderForGeneration(messages);
-        var policy = policyOverride ?? mixLora.CreatePolicy();
+        var policy = policyOverride ?? RouterPolicy ?? mixLora.CreatePolicy();
         // One step more than the tokens to trace: the generator never feeds back the last token it samples.
         var options = new GenerationOptions
         {

@@ -33,8 +33,7 @@ public sealed record RoutingInspection(IReadOnlyList<InspectedToken> Tokens, int
     public int GeneratedTokens => Tokens.Count - PromptTokens;
 
     /// <summary>The policy as written in traces: <c>free</c>, or <c>privileged</c> with its snapshot.</summary>
-    public string PolicyDescription => Policy is PrivilegedRouterPolicy p
-        ? $"{p.Name}, snapshot {p.Snapshot.ToString().ToLowerInvariant()}" : Policy.Name;
+    public string PolicyDescription => Policy.Describe();
 
     /// <summary>The top (first) expert of each layer for each token, <c>[layer, token]</c>, −1 where a token ran no
     /// expert: the input of <see cref="Evaluation.RoutingHeatmap.Write"/>.</summary>

@@ -64,6 +64,14 @@ public interface IRouterPolicy
     RoutingDecision Route(RouterStep step);
 }
 
+/// <summary>Helpers over router policies.</summary>
+public static class RouterPolicies
+{
+    /// <summary>The policy as written in traces and notices: <c>free</c>, or <c>privileged, snapshot last|pooled</c>.</summary>
+    public static string Describe(this IRouterPolicy policy) => policy is PrivilegedRouterPolicy p
+        ? $"{p.Name}, snapshot {p.Snapshot.ToString().ToLowerInvariant()}" : policy.Name;
+}
+
 /// <summary>MixLoRA as published: every token is routed on its own hidden state.</summary>
 public sealed class FreeRouterPolicy : IRouterPolicy
 {

@@ -33,12 +33,19 @@ public interface ITrainingObjective
 /// </summary>
 public sealed class CausalLmObjective : ITrainingObjective
 {
+    /// <summary>Routes with each adapter's configured <c>router_policy</c>.</summary>
     public static CausalLmObjective Instance { get; } = new();
+
+    /// <param name="routerPolicy">Route mixture adapters with this policy instead of their configured one (null: theirs).</param>
+    public CausalLmObjective(IRouterPolicy? routerPolicy = null) => RouterPolicy = routerPolicy;
+
+    /// <summary>The policy override, or null.</summary>
+    public IRouterPolicy? RouterPolicy { get; }
 
     public ObjectiveOutput Compute(LlamaForCausalLM model, CollatedBatch batch, bool training)
     {
-        if (batch.Privileges is null) return new(ShiftedCrossEntropySum(model.Forward(batch.InputIds), batch.Labels));
-        using var routing = new RoutingContext();
+        if (batch.Privileges is null && RouterPolicy is null) return new(ShiftedCrossEntropySum(model.Forward(batch.InputIds), batch.Labels));
+        using var routing = new RoutingContext { Policy = RouterPolicy };
         batch.ApplyPrivileges(routing);
         return new(ShiftedCrossEntropySum(model.Forward(batch.InputIds, routing: routing), batch.Labels));
     }

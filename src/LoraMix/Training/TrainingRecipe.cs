@@ -391,9 +391,9 @@ public sealed record TrainingRecipe
             ExpertCapacity = doc.Int(p + "expert_capacity", d.ExpertCapacity),
             FfnDropout = doc.Double(p + "ffn_dropout", d.FfnDropout),
             SparseStep = OptInt("sparse_step"),
-            RouterPolicy = doc.String(p + "router_policy", d.RouterPolicy)!,
-            PrivilegedSnapshot = doc.String(p + "privileged_snapshot", d.PrivilegedSnapshot)!,
-            PrivilegeEmbedding = doc.Bool(p + "privilege_embedding", d.PrivilegeEmbedding),
+            RouterPolicy = doc.NonNullString(p + "router_policy", d.RouterPolicy),
+            PrivilegedSnapshot = doc.NonNullString(p + "privileged_snapshot", d.PrivilegedSnapshot),
+            PrivilegeEmbedding = doc.NonNullBool(p + "privilege_embedding", d.PrivilegeEmbedding),
             BaseModelNameOrPath = model,
         };
         try { cfg.Validate(doc.Source + ": adapter"); }

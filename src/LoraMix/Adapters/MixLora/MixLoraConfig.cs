@@ -343,6 +343,7 @@ public sealed record MixLoraConfig
         OnlyFor("expert_capacity", SwitchStrategy);
         OnlyFor("ffn_dropout", SwitchStrategy);
         if (obj["sparse_step"] is not null) OnlyFor("sparse_step", SwitchStrategy);
+        CheckOwnKeys(obj, source);
         string policy = Str(obj, "router_policy", source) ?? FreePolicy;
 
         ExpertLoraConfig? expert = null;
@@ -393,6 +394,59 @@ public sealed record MixLoraConfig
         };
         cfg.Validate(source);
         return cfg;
+    }
+
+    /// <summary>LoraMix's own keys (MoE-PEFT has none of them). The routing guarantee depends on them, so they are
+    /// never read loosely: an explicit <c>null</c> is an error (it would otherwise load as the default, <c>free</c>), and
+    /// so is any other key that looks like one of them (<c>router-policy</c>, <c>routerPolicy</c>, <c>router_polcy</c>,
+    /// <c>Router_Policy</c>), which would otherwise be ignored as an unknown key.</summary>
+    public static IReadOnlyList<string> OwnKeys { get; } = ["router_policy", "privileged_snapshot", "privilege_embedding"];
+
+    private static void CheckOwnKeys(JsonObject obj, string source)
+    {
+        foreach (var (key, value) in obj)
+        {
+            if (OwnKeys.Contains(key))
+            {
+                if (value is null)
+                    throw new AdapterConfigException(source, key, key == "privilege_embedding"
+                        ? "is null; write true or false (or leave the key out for false)"
+                        : $"is null; write one of {string.Join(", ", key == "router_policy" ? RouterPolicies : PrivilegedSnapshots)} (or leave the key out for the default)");
+                continue;
+            }
+            if (LooksLikeOwnKey(key) is { } meant)
+                throw new AdapterConfigException(source, key, $"is not a key LoraMix reads; did you mean \"{meant}\"? (a misspelt router key would silently route freely)");
+        }
+    }
+
+    /// <summary>The own key that <paramref name="key"/> looks like (same letters ignoring case, '_', '-', '.' and spaces,
+    /// or at most two edits from it), or null.</summary>
+    internal static string? LooksLikeOwnKey(string key)
+    {
+        static string Norm(string k) => new([.. k.ToLowerInvariant().Where(char.IsLetterOrDigit)]);
+        string n = Norm(key);
+        foreach (var own in OwnKeys)
+        {
+            string o = Norm(own);
+            if (n == o || Levenshtein(n, o) <= 2) return own;
+        }
+        return null;
+    }
+
+    private static int Levenshtein(string a, string b)
+    {
+        if (Math.Abs(a.Length - b.Length) > 2) return 3;
+        var prev = new int[b.Length + 1];
+        var cur = new int[b.Length + 1];
+        for (int j = 0; j <= b.Length; j++) prev[j] = j;
+        for (int i = 1; i <= a.Length; i++)
+        {
+            cur[0] = i;
+            for (int j = 1; j <= b.Length; j++)
+                cur[j] = Math.Min(Math.Min(cur[j - 1] + 1, prev[j] + 1), prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1));
+            (prev, cur) = (cur, prev);
+        }
+        return prev[b.Length];
     }
 
     private static string? Str(JsonObject o, string key, string source)
