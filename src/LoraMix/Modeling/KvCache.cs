@@ -11,30 +11,33 @@ public sealed class KvCache : IDisposable
 {
     private readonly Tensor[] _keys;
     private readonly Tensor[] _values;
-    private readonly Tensor _valid;          // bool [B, capacity]
+    private Tensor _valid;                   // bool [B, capacity]
     private readonly long[] _nextPosition;   // per row
 
     public KvCache(LlamaConfig config, long batchSize, long capacity, Device device, ScalarType dtype)
+        : this(config.NumHiddenLayers, batchSize, config.NumKeyValueHeads, capacity, config.HeadDim, device, dtype)
+    {
+    }
+
+    private KvCache(int layers, long batchSize, long kvHeads, long capacity, long headDim, Device device, ScalarType dtype)
     {
         if (batchSize <= 0) throw new ArgumentOutOfRangeException(nameof(batchSize), batchSize, "must be positive");
         if (capacity <= 0) throw new ArgumentOutOfRangeException(nameof(capacity), capacity, "must be positive");
         BatchSize = batchSize;
         Capacity = capacity;
-        _keys = new Tensor[config.NumHiddenLayers];
-        _values = new Tensor[config.NumHiddenLayers];
-        for (int i = 0; i < config.NumHiddenLayers; i++)
+        _keys = new Tensor[layers];
+        _values = new Tensor[layers];
+        for (int i = 0; i < layers; i++)
         {
-            _keys[i] = zeros([batchSize, config.NumKeyValueHeads, capacity, config.HeadDim], dtype: dtype, device: device)
-                .DetachFromDisposeScope();
-            _values[i] = zeros([batchSize, config.NumKeyValueHeads, capacity, config.HeadDim], dtype: dtype, device: device)
-                .DetachFromDisposeScope();
+            _keys[i] = zeros([batchSize, kvHeads, capacity, headDim], dtype: dtype, device: device).DetachFromDisposeScope();
+            _values[i] = zeros([batchSize, kvHeads, capacity, headDim], dtype: dtype, device: device).DetachFromDisposeScope();
         }
         _valid = zeros([batchSize, capacity], dtype: ScalarType.Bool, device: device).DetachFromDisposeScope();
         _nextPosition = new long[batchSize];
     }
 
     public long BatchSize { get; }
-    public long Capacity { get; }
+    public long Capacity { get; private set; }
 
     /// <summary>Number of slots written so far (the same for every row; padding occupies slots too).</summary>
     public long Length { get; private set; }
@@ -80,6 +83,82 @@ public sealed class KvCache : IDisposable
             _values[layer].narrow(2, start, t).copy_(v);
         }
         return (_keys[layer].narrow(2, 0, start + t), _values[layer].narrow(2, 0, start + t));
+    }
+
+    /// <summary>Grows the capacity by <paramref name="extra"/> slots (a copy of the slots in use): a call that needs more
+    /// slots than its tokens (a split privileged prefill) keeps the room its caller planned for later steps.</summary>
+    internal void Grow(long extra)
+    {
+        if (extra <= 0) return;
+        long capacity = Capacity + extra;
+        using (no_grad())
+        {
+            for (int l = 0; l < _keys.Length; l++)
+            {
+                _keys[l] = Resized(_keys[l], 2, capacity);
+                _values[l] = Resized(_values[l], 2, capacity);
+            }
+            _valid = Resized(_valid, 1, capacity);
+        }
+        Capacity = capacity;
+
+        Tensor Resized(Tensor old, int dim, long size)
+        {
+            var shape = old.shape;
+            shape[dim] = size;
+            var grown = zeros(shape, dtype: old.dtype, device: old.device).DetachFromDisposeScope();
+            if (Length > 0) grown.narrow(dim, 0, Length).copy_(old.narrow(dim, 0, Length));
+            old.Dispose();
+            return grown;
+        }
+    }
+
+    /// <summary>A batch-1 cache holding row <paramref name="row"/>'s real slots only, compacted in order (its padding
+    /// slots dropped), with room for <paramref name="extra"/> more: the row's own history, independent of how the batch
+    /// was padded.</summary>
+    internal KvCache ExtractRow(int row, long extra)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(row);
+        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(row, BatchSize);
+        using var scope = NewDisposeScope();
+        long[] slots;
+        using (no_grad())
+            slots = Length == 0 ? [] : _valid[row].narrow(0, 0, Length).nonzero().reshape(-1).cpu().data<long>().ToArray();
+        long n = slots.Length;
+        var copy = new KvCache(_keys.Length, 1, _keys[0].shape[1], Math.Max(1, n + extra), _keys[0].shape[3], _keys[0].device, _keys[0].dtype);
+        if (n > 0)
+        {
+            var index = tensor(slots, device: _keys[0].device);
+            using (no_grad())
+            {
+                for (int l = 0; l < _keys.Length; l++)
+                {
+                    copy._keys[l].narrow(2, 0, n).copy_(_keys[l].narrow(0, row, 1).index_select(2, index));
+                    copy._values[l].narrow(2, 0, n).copy_(_values[l].narrow(0, row, 1).index_select(2, index));
+                }
+                copy._valid.narrow(1, 0, n).fill_(true);
+            }
+        }
+        copy.Length = n;
+        copy._nextPosition[0] = _nextPosition[row];
+        return copy;
+    }
+
+    /// <summary>Copies <paramref name="count"/> slots of batch-1 <paramref name="source"/> (from
+    /// <paramref name="sourceStart"/>) into row <paramref name="row"/> at <paramref name="slot"/>, every layer. The slots
+    /// must already be reserved.</summary>
+    internal void WriteRow(int row, long slot, KvCache source, long sourceStart, long count)
+    {
+        if (source.BatchSize != 1 || source._keys.Length != _keys.Length)
+            throw new ArgumentException("the source must be a batch-1 cache of the same model", nameof(source));
+        if (slot + count > Length || sourceStart + count > source.Length)
+            throw new InvalidOperationException($"KV cache row write out of range: slots [{slot}, {slot + count}) of {Length}, source [{sourceStart}, {sourceStart + count}) of {source.Length}");
+        using (no_grad())
+            for (int l = 0; l < _keys.Length; l++)
+            {
+                _keys[l].narrow(0, row, 1).narrow(2, slot, count).copy_(source._keys[l].narrow(2, sourceStart, count));
+                _values[l].narrow(0, row, 1).narrow(2, slot, count).copy_(source._values[l].narrow(2, sourceStart, count));
+            }
     }
 
     /// <summary>Forgets everything (slots, positions) so the cache can serve a new sequence.</summary>

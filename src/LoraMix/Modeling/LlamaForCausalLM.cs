@@ -12,7 +12,7 @@ namespace LoraMix.Modeling;
 /// (<c>model.embed_tokens.weight</c>, <c>model.layers.0.self_attn.q_proj.weight</c>, ..., <c>lm_head.weight</c>).
 /// With tied embeddings there is no <c>lm_head</c>: the embedding matrix is used directly.
 /// </summary>
-public sealed class LlamaForCausalLM : nn.Module
+public sealed partial class LlamaForCausalLM : nn.Module
 {
     [ComponentName(Name = "model")] private readonly LlamaModel _model;
     [ComponentName(Name = "lm_head")] private readonly LinearLayer? _lmHead;
@@ -76,6 +76,11 @@ public sealed class LlamaForCausalLM : nn.Module
     /// Runs every layer and the final norm on given input embeddings [B, T, hidden] (Hugging Face's <c>inputs_embeds</c>,
     /// e.g. one-hot rows times the embedding matrix for gradients with respect to the tokens); returns hidden states.
     /// </summary>
+    /// <remarks>Under the privileged router policy, in inference (no gradient), a row whose routing freezes in this call
+    /// after privileged tokens of the same call has those privileged tokens run first on their own — a batch-1, unpadded
+    /// pass over the row's own cached history — and only then the rest of the batch (<see cref="PrivilegedPrefill"/>): the
+    /// routing snapshot, and every decision and key/value of the privileged prefix, are then bit-for-bit independent of the
+    /// untrusted text that follows and of the other rows of the batch.</remarks>
     public Tensor ForwardEmbeddings(Tensor inputEmbeddings, KvCache? cache = null, Tensor? attentionMask = null, RoutingContext? routing = null)
     {
         if (inputEmbeddings.dim() != 3 || inputEmbeddings.shape[2] != Config.HiddenSize)
@@ -86,7 +91,19 @@ public sealed class LlamaForCausalLM : nn.Module
             throw new ArgumentException($"cache batch size {cache.BatchSize} differs from input batch size {b}", nameof(cache));
         if (attentionMask is not null && (attentionMask.dim() != 2 || attentionMask.shape[0] != b || attentionMask.shape[1] != t))
             throw new ArgumentException($"attention mask must be [{b}, {t}], got [{string.Join(", ", attentionMask.shape)}]", nameof(attentionMask));
+        if (routing is not null && !is_grad_enabled() && PrivilegedPrefill.Plan(this, routing, cache, attentionMask, b, t) is { } plan)
+            return PrivilegedPrefill.Run(this, plan, inputEmbeddings, cache, attentionMask, routing);
+        return ForwardCore(inputEmbeddings, cache, attentionMask, routing);
+    }
 
+    /// <summary>True when any block routes under <paramref name="routing"/> with a policy that freezes on untrusted tokens.</summary>
+    internal bool RoutesPrivileged(RoutingContext routing) =>
+        _model.Layers.Any(l => l.FeedForward.RouterPolicyFor(routing)?.FreezesOnUntrusted == true);
+
+    /// <summary>One forward call of every layer (the body of <see cref="ForwardEmbeddings"/>).</summary>
+    internal Tensor ForwardCore(Tensor inputEmbeddings, KvCache? cache, Tensor? attentionMask, RoutingContext? routing)
+    {
+        long b = inputEmbeddings.shape[0], t = inputEmbeddings.shape[1];
         using var scope = NewDisposeScope();
         Tensor? mask = attentionMask?.to(ScalarType.Bool, Device);
 
@@ -139,7 +156,7 @@ public sealed class LlamaForCausalLM : nn.Module
         }
 
         var (cos, sin) = _rotary.Lookup(positions, DType, maxPos);
-        routing?.BeginForward(b, t, mask, continuation: start > 0);
+        routing?.BeginForward(b, t, mask, continuation: start > 0, cache, start);
         var ctx = new ForwardContext
         {
             Cos = cos, Sin = sin, AttentionMask = attnMask, IsCausal = causal, Cache = cache, Start = start,

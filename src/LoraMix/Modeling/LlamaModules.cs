@@ -10,6 +10,10 @@ namespace LoraMix.Modeling;
 public abstract class FeedForwardBlock : nn.Module<Tensor, ForwardContext, Tensor>
 {
     protected FeedForwardBlock(string name) : base(name) { }
+
+    /// <summary>The router policy this block routes with under <paramref name="routing"/>, or null when it has no router
+    /// (the dense MLP, or no active mixture).</summary>
+    public virtual Routing.IRouterPolicy? RouterPolicyFor(Routing.RoutingContext? routing) => null;
 }
 
 /// <summary>The SwiGLU feed-forward network <c>down(silu(gate(x)) ⊙ up(x))</c>.</summary>

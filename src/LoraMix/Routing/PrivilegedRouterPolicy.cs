@@ -1,3 +1,4 @@
+using LoraMix.Modeling;
 using LoraMix.Tokenization;
 using static TorchSharp.torch;
 
@@ -48,6 +49,8 @@ public sealed class PrivilegedRouterPolicy : IRouterPolicy
     public PrivilegedSnapshot Snapshot { get; }
 
     public string Name => "privileged";
+
+    public bool FreezesOnUntrusted => true;
 
     public RoutingDecision Route(RouterStep step)
     {
@@ -126,6 +129,8 @@ public sealed class PrivilegedRoutingState : IDisposable
     private readonly long[] _firstUntrusted;   // position among real tokens, or -1
     private readonly Dictionary<int, LayerSnapshot> _layers = [];
     private StepFrame? _frame;
+    private KvCache? _cache;                   // the cache this state's sequence lives in (null: cache-free calls)
+    private long _nextSlot;                    // the cache slot its next call must start at
 
     private PrivilegedRoutingState(long batch)
     {
@@ -157,6 +162,12 @@ public sealed class PrivilegedRoutingState : IDisposable
                 return s;
             case PrivilegedRoutingState s:
                 throw new InvalidOperationException($"privileged routing: this sequence has batch size {s.Batch} but the step has {batch}");
+            case null when routing.IsContinuation:
+                throw new InvalidOperationException(
+                    $"privileged routing: the KV cache already holds {routing.CurrentStart} slot(s) of this sequence, but the routing " +
+                    "context has no routing state for them (a new RoutingContext?); the tokens already in the cache may include " +
+                    "untrusted ones, so routing them freely could undo the freeze. Use the context that ran the earlier steps " +
+                    "for the whole life of the cache, or start over with an empty cache.");
             case null:
                 var state = new PrivilegedRoutingState(batch);
                 routing.PolicyState = state;
@@ -192,6 +203,9 @@ public sealed class PrivilegedRoutingState : IDisposable
     internal StepFrame Frame(RoutingContext routing, Tensor? tokenMask, long b, long t, Device device)
     {
         if (_frame is not null && _frame.Step == routing.Steps) return _frame;
+        if (routing.IsContinuation) CheckContinues(routing.CurrentCache, routing.CurrentStart);
+        _cache = routing.CurrentCache;
+        _nextSlot = routing.CurrentStart + t;
         var labels = routing.PrivilegeLabels
             ?? throw new InvalidOperationException("router_policy \"privileged\": set RoutingContext.PrivilegeLabels (or SetPrivileges) before every forward step, decoding steps included");
         if (labels.dim() != 2 || labels.shape[0] != b || labels.shape[1] != t)
@@ -272,6 +286,70 @@ public sealed class PrivilegedRoutingState : IDisposable
             Last.Dispose();
             Sum.Dispose();
         }
+    }
+
+    /// <summary>A fresh state for <paramref name="batch"/> rows, stored in <paramref name="routing"/> (replacing any).</summary>
+    internal static PrivilegedRoutingState Create(RoutingContext routing, long batch)
+    {
+        routing.ResetPolicyState();
+        var state = new PrivilegedRoutingState(batch);
+        routing.PolicyState = state;
+        return state;
+    }
+
+    /// <summary>A batch-1 copy of row <paramref name="row"/> (counters and every layer's snapshot row), continuing in
+    /// <paramref name="cache"/> at its current length.</summary>
+    internal PrivilegedRoutingState ExtractRow(int row, KvCache cache)
+    {
+        var copy = new PrivilegedRoutingState(1);
+        copy._frozen[0] = _frozen[row];
+        copy._seen[0] = _seen[row];
+        copy._routed[0] = _routed[row];
+        copy._firstUntrusted[0] = _firstUntrusted[row];
+        foreach (var (layer, s) in _layers)
+            copy._layers[layer] = new LayerSnapshot
+            {
+                Last = s.Last.narrow(0, row, 1).clone().DetachFromDisposeScope(),
+                Sum = s.Sum.narrow(0, row, 1).clone().DetachFromDisposeScope(),
+            };
+        copy._cache = cache;
+        copy._nextSlot = cache.Length;
+        return copy;
+    }
+
+    /// <summary>Takes back row <paramref name="row"/> from its batch-1 copy after it ran on its own.</summary>
+    internal void MergeRow(int row, PrivilegedRoutingState single)
+    {
+        if (single.Batch != 1) throw new ArgumentException("expected a batch-1 state", nameof(single));
+        _frozen[row] = single._frozen[0];
+        _seen[row] = single._seen[0];
+        _routed[row] = single._routed[0];
+        _firstUntrusted[row] = single._firstUntrusted[0];
+        using var noGrad = no_grad();
+        foreach (var (layer, s) in single._layers)
+        {
+            var mine = Layer(layer, Batch, (int)s.Last.shape[1], s.Last.dtype, s.Last.device);
+            mine.Last.narrow(0, row, 1).copy_(s.Last);
+            mine.Sum.narrow(0, row, 1).copy_(s.Sum);
+        }
+    }
+
+    /// <summary>Throws unless this state's sequence is the one in <paramref name="cache"/> and its last call ended at
+    /// <paramref name="slot"/>: a cache written without this state (another context) could hold untrusted tokens it never saw.</summary>
+    internal void CheckContinues(KvCache? cache, long slot)
+    {
+        if (!ReferenceEquals(_cache, cache) || _nextSlot != slot)
+            throw new InvalidOperationException(
+                "privileged routing: this routing state belongs to another KV cache, or the cache was written without it (state " +
+                $"at slot {_nextSlot}, the call starts at slot {slot}); use one RoutingContext per cache, for every step");
+    }
+
+    /// <summary>The sequence continues in <paramref name="cache"/> at slot <paramref name="nextSlot"/> (after slots were
+    /// written on this state's behalf).</summary>
+    internal void ContinueAt(KvCache? cache, long nextSlot)
+    {
+        _cache = cache;
+        _nextSlot = nextSlot;
     }
 
     internal LayerSnapshot Layer(int layer, long b, int e, ScalarType dtype, Device device)

@@ -61,6 +61,12 @@ public interface IRouterPolicy
     /// <summary>A short name for configs and traces (<c>free</c>, <c>privileged</c>, ...).</summary>
     string Name { get; }
 
+    /// <summary>True when the policy freezes routing from a row's first untrusted token on. The model then runs a row's
+    /// privileged tokens that precede the freeze in the same call on their own, so that the frozen decision cannot depend
+    /// on what follows or on other rows (see <see cref="Modeling.LlamaForCausalLM.ForwardEmbeddings"/>). A policy that
+    /// wraps another forwards it.</summary>
+    bool FreezesOnUntrusted => false;
+
     RoutingDecision Route(RouterStep step);
 }
 

@@ -1,3 +1,4 @@
+using LoraMix.Modeling;
 using LoraMix.Tokenization;
 using static TorchSharp.torch;
 
@@ -8,7 +9,9 @@ namespace LoraMix.Routing;
 /// the router policy, per-token privilege labels, a collector of router logits for the auxiliary losses, and a routing
 /// trace. Keep one context per sequence (or batch) for the life of its KV cache: a policy's state (e.g. a routing
 /// snapshot for frozen routing) lives in <see cref="PolicyState"/> across decoding steps. A forward call that starts a
-/// sequence (no cache, or an empty one) resets that state, so one context can serve many training batches.
+/// sequence (no cache, or an empty one) resets that state, so one context can serve many training batches. A call that
+/// continues a cache needs the state of the calls that filled it: the privileged policy refuses a context without it
+/// (or with the state of another cache), so the freeze cannot be lost by switching contexts.
 /// </summary>
 /// <remarks>Not thread-safe; like the model, use it from the model thread.</remarks>
 public sealed class RoutingContext : IDisposable
@@ -58,6 +61,22 @@ public sealed class RoutingContext : IDisposable
     public void SetPrivileges(Privilege privilege, long batch, long length = 1) =>
         Own(full([batch, length], (byte)privilege, dtype: ScalarType.Byte));
 
+    /// <summary>Uses <paramref name="labels"/> as the labels of the next forward call without taking or freeing the
+    /// current ones; disposing the result puts the current ones back (the model's split of a privileged prefill).</summary>
+    internal IDisposable SwapLabels(Tensor labels)
+    {
+        var (saved, savedOwned) = (_labels, _ownedLabels);
+        _labels = labels;
+        _ownedLabels = null;
+        return new Restore(() => { _labels = saved; _ownedLabels = savedOwned; });
+    }
+
+    private sealed class Restore(Action restore) : IDisposable
+    {
+        private Action? _restore = restore;
+        public void Dispose() { _restore?.Invoke(); _restore = null; }
+    }
+
     private void Own(Tensor labels)
     {
         labels = labels.DetachFromDisposeScope();
@@ -84,11 +103,21 @@ public sealed class RoutingContext : IDisposable
     public long Length { get; private set; }
     public Tensor? TokenMask { get; private set; }
 
+    /// <summary>True when the current forward call continues a sequence held in a KV cache.</summary>
+    public bool IsContinuation { get; private set; }
+
+    /// <summary>The KV cache of the current forward call (null: cache-free) and the first slot of its tokens.</summary>
+    public KvCache? CurrentCache { get; private set; }
+    public long CurrentStart { get; private set; }
+
     /// <summary>Called by the model at the start of every forward call. <paramref name="continuation"/> is true when the
     /// call continues a sequence held in a KV cache; otherwise the policy state is reset (a new sequence).</summary>
-    public void BeginForward(long batch, long length, Tensor? tokenMask, bool continuation = false)
+    public void BeginForward(long batch, long length, Tensor? tokenMask, bool continuation = false, KvCache? cache = null, long start = 0)
     {
         if (!continuation) ResetPolicyState();
+        IsContinuation = continuation;
+        CurrentCache = cache;
+        CurrentStart = start;
         Batch = batch;
         Length = length;
         TokenMask = tokenMask;
@@ -148,6 +177,21 @@ public sealed class RouterLogitsCollector : IDisposable
 
     /// <summary>The router logits of every layer, in layer order.</summary>
     public IReadOnlyList<Tensor> Logits => _records.Select(r => r.Logits).ToList();
+
+    /// <summary>Hands the records over to the caller (who disposes their tensors) and forgets them.</summary>
+    internal List<RouterRecord> Take()
+    {
+        var taken = _records.ToList();
+        _records.Clear();
+        return taken;
+    }
+
+    /// <summary>Replaces the records (taking ownership of the new tensors, freeing the old).</summary>
+    internal void Replace(IReadOnlyList<RouterRecord> records)
+    {
+        Clear();
+        _records.AddRange(records);
+    }
 
     internal void Add(int layer, Tensor logits, RoutingDecision d, Tensor? tokenMask)
     {

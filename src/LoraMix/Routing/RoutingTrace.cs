@@ -22,20 +22,38 @@ public sealed class RoutingTrace
     {
         public required long Batch, Length;
         public required bool[] Real;                  // [B*T]
+        public required int Index;                    // the forward call it belongs to
+        public int[]? Rows;                           // batch row of each local row; null: the rows are the batch's
         public readonly List<(int Layer, long K, long[] Experts, float[] Weights, bool[]? Active)> Layers = [];
     }
 
     private readonly List<Step> _steps = [];
+    private int _calls;
 
     /// <summary>Number of forward calls recorded.</summary>
-    public int StepCount => _steps.Count;
+    public int StepCount => _calls;
 
     internal void BeginStep(long batch, long length, Tensor? tokenMask)
     {
         bool[] real;
         if (tokenMask is null) { real = new bool[batch * length]; Array.Fill(real, true); }
         else real = tokenMask.to(ScalarType.Bool).cpu().reshape(-1).data<bool>().ToArray();
-        _steps.Add(new Step { Batch = batch, Length = length, Real = real });
+        _steps.Add(new Step { Batch = batch, Length = length, Real = real, Index = _calls++ });
+    }
+
+    /// <summary>Takes the steps of <paramref name="rowTrace"/> (a batch-1 trace of row <paramref name="row"/>'s tokens,
+    /// run on their own) as part of the next forward call of this trace, before its batched step.</summary>
+    internal void AbsorbRow(RoutingTrace rowTrace, int row)
+    {
+        foreach (var s in rowTrace._steps)
+        {
+            if (s.Batch != 1 || s.Rows is not null) throw new ArgumentException("expected a batch-1 trace", nameof(rowTrace));
+            s.Index = _calls;
+            s.Rows = [row];
+            _steps.Add(s);
+        }
+        rowTrace._steps.Clear();
+        rowTrace._calls = 0;
     }
 
     internal void Add(int layer, RoutingDecision d)
@@ -57,10 +75,16 @@ public sealed class RoutingTrace
         for (int s = 0; s < _steps.Count; s++)
         {
             var step = _steps[s];
-            if (row < 0 || row >= step.Batch) throw new ArgumentOutOfRangeException(nameof(row), row, $"step {s} has {step.Batch} rows");
+            long local = row;
+            if (step.Rows is not null)
+            {
+                local = Array.IndexOf(step.Rows, row);
+                if (local < 0) continue;
+            }
+            else if (row < 0 || row >= step.Batch) throw new ArgumentOutOfRangeException(nameof(row), row, $"step {step.Index} has {step.Batch} rows");
             for (long t = 0; t < step.Length; t++)
             {
-                long n = row * step.Length + t;
+                long n = local * step.Length + t;
                 if (!step.Real[n]) continue;
                 var layers = new List<LayerRoute>(step.Layers.Count);
                 foreach (var (_, k, experts, weights, active) in step.Layers)
@@ -76,7 +100,7 @@ public sealed class RoutingTrace
                     }
                     layers.Add(new LayerRoute(e.ToArray(), w.ToArray()));
                 }
-                tokens.Add(new TokenRoute(row, position++, s, layers));
+                tokens.Add(new TokenRoute(row, position++, step.Index, layers));
             }
         }
         return tokens;
@@ -85,5 +109,9 @@ public sealed class RoutingTrace
     /// <summary>The layer indices in the order they reported (from the first step).</summary>
     public IReadOnlyList<int> LayerIndices => _steps.Count == 0 ? [] : _steps[0].Layers.Select(l => l.Layer).ToList();
 
-    public void Clear() => _steps.Clear();
+    public void Clear()
+    {
+        _steps.Clear();
+        _calls = 0;
+    }
 }

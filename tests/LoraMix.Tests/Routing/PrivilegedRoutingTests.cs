@@ -176,6 +176,8 @@ public sealed class PrivilegedRoutingTests
     {
         public string Name => inner.Name;
 
+        public bool FreezesOnUntrusted => inner.FreezesOnUntrusted;
+
         public RoutingDecision Route(RouterStep step)
         {
             var mask = poisoned(step).unsqueeze(-1);
@@ -227,7 +229,23 @@ public sealed class PrivilegedRoutingTests
         }
 
         var clean = Run(Policy(snap), decode: true);
-        var poisoned = Run(new PoisonRouterInput(Policy(snap), s => s.Input.shape[1] == t ? frozen : ones(2, 1, dtype: ScalarType.Bool)), decode: true);
+        // The prefill runs each row's privileged prefix on its own (batch 1: nothing frozen there), then the rest of both
+        // rows batched, which starts at each row's first untrusted token (every real token frozen); decoding: all frozen.
+        Tensor Frozen(RouterStep s)
+        {
+            if (s.Input.shape[0] == 1) return zeros(1, s.Input.shape[1], dtype: ScalarType.Bool);
+            if (s.Input.shape[1] == 1) return ones(2, 1, dtype: ScalarType.Bool);
+            var real = (s.Context.TokenMask ?? ones(2, s.Input.shape[1])).to(ScalarType.Bool);
+            var labels = s.Context.Routing!.PrivilegeLabels!;
+            for (int r = 0; r < 2; r++)
+            {
+                long firstReal = real[r].to(ScalarType.Int64).argmax().item<long>();
+                Assert.Equal((byte)X, labels[r, firstReal].item<byte>());
+            }
+            Assert.True(s.Input.shape[1] < t, "the prefill was not split");
+            return real;
+        }
+        var poisoned = Run(new PoisonRouterInput(Policy(snap), Frozen), decode: true);
         Assert.True(clean.Logits.equal(poisoned.Logits).all().item<bool>(), "model output changed");
         for (int i = 0; i < clean.Recorded.Count; i++)
         {

@@ -203,6 +203,9 @@ public sealed class MixLoraFeedForward : FeedForwardBlock
         _ => throw new ArgumentException($"act_fn '{name}' is not supported; use one of {string.Join(", ", MixLoraConfig.ActivationFunctions)}"),
     };
 
+    public override IRouterPolicy? RouterPolicyFor(RoutingContext? routing) =>
+        _active is null ? null : routing?.Policy ?? GetAdapter(_active).Policy;
+
     public override Tensor forward(Tensor x, ForwardContext ctx)
     {
         if (_active is null) return _dense.forward(x, ctx);
