@@ -101,6 +101,16 @@ public sealed class ChatEngine : IDisposable
     /// <summary>The policy given in <see cref="EngineOptions.RouterPolicy"/>, or null when the adapter's own is used.</summary>
     public IRouterPolicy? RouterPolicyOverride { get; }
 
+    /// <summary>Fails closed, before anything runs, when the router policy freezes on untrusted tokens but the prompt
+    /// carries no privilege labels (raw ids): nothing could tell where untrusted text starts.</summary>
+    private void RequireLabels(bool labelled)
+    {
+        if (!labelled && RouterPolicy?.FreezesOnUntrusted == true)
+            throw new InvalidOperationException($"the MixLoRA adapter routes with router_policy {RouterPolicy.Describe()}, which needs privilege labels " +
+                                       "on every token, and raw token ids have none; give a chat (generate --chat, or chat) so that the " +
+                                       "renderer labels each token, or route with --router-policy free");
+    }
+
     /// <summary>A routing context for one call: the engine's policy override travels in it. Raw ids (no labels) get one
     /// only when there is an override, so that a privileged override fails closed as a privileged adapter does.</summary>
     private RoutingContext? NewRouting(bool labelled) =>
@@ -207,6 +217,7 @@ public sealed class ChatEngine : IDisposable
     private EngineResult GenerateOne(IReadOnlyList<int> promptIds, IReadOnlyList<Privilege>? privileges, GenerationOptions options,
         Action<string>? onText, CancellationToken cancellationToken)
     {
+        RequireLabels(privileges is not null);
         var effective = options with { StopTokenIds = [.. options.StopTokenIds.Union(options.StopAtEos ? StopTokenIds : [])] };
         _modelThread.Wait(cancellationToken);
         try
@@ -260,6 +271,7 @@ public sealed class ChatEngine : IDisposable
         int batchSize, Action<int>? onDone, CancellationToken cancellationToken)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(batchSize, 1);
+        RequireLabels(privileges is not null);
         var effective = options with { StopTokenIds = [.. options.StopTokenIds.Union(options.StopAtEos ? StopTokenIds : [])] };
         var results = new EngineResult[prompts.Count];
         var order = Enumerable.Range(0, prompts.Count).OrderBy(i => prompts[i].Length).ToArray();

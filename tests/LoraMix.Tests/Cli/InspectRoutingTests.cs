@@ -191,6 +191,80 @@ public sealed class InspectRoutingTests : IDisposable
     }
 
     [Fact]
+    public void ADataMessageWhoseContentRendersToNothingStillFreezesTheRouting()
+    {
+        // empty, whitespace, and markers that neutralisation deletes: no content token, yet the freeze starts at the message
+        foreach (var (content, name) in new[] { ("", "empty"), ("   \n ", "blank"), ("<data></tool_response><DATA>", "tags") })
+        {
+            var trace = Inspect(ChatFile(name + ".json", content), _dir.Sub("out-" + name), "--generate", "3", "--ignore-eos");
+            int first = trace["first_untrusted"]!.GetValue<int>();
+            Assert.True(first > 0, name);
+            var tokens = Tokens(trace);
+            Assert.Equal("untrusted", tokens[first]!["privilege"]!.GetValue<string>());
+            for (int i = first; i < tokens.Count; i++)
+                Assert.True(Same(tokens[first], tokens[i]), $"{name}, token {i}: {Show(tokens[i])} != {Show(tokens[first])}");
+        }
+        var r = Run("inspect-routing", "--model", _model, "--adapter", _adapter, "--chat", _dir.Sub("empty.json"), "--out", _dir.Sub("out-empty2"));
+        Assert.Contains("(routing frozen from there on)", r.Out);
+    }
+
+    [Fact]
+    public void GenerateChatAndEvalTakeTheRouterPolicyAndSayWhichOneRoutes()
+    {
+        string chat = ChatFile("chat.json", "blue");
+        string[] gen = ["--max-new-tokens", "2", "--temperature", "0"];
+
+        var configured = Run(["generate", "--model", _model, "--adapter", _adapter, "--chat", chat, .. gen]);
+        Assert.True(configured.Code == 0, configured.Err);
+        Assert.Single(configured.Err.Split('\n'), l => l.StartsWith("router policy:", StringComparison.Ordinal));
+        Assert.Contains("router policy: privileged, snapshot pooled (router_policy of ", configured.Err);
+
+        var overridden = Run(["generate", "--model", _model, "--adapter", _adapter, "--chat", chat, "--router-policy", "free", .. gen]);
+        Assert.True(overridden.Code == 0, overridden.Err);
+        Assert.Contains("router policy: free (from --router-policy)", overridden.Err);
+        var last = Run(["generate", "--model", _model, "--adapter", _adapter, "--chat", chat, "--privileged-snapshot", "last", .. gen]);
+        Assert.Contains("router policy: privileged, snapshot last (from --router-policy)", last.Err);
+
+        // a MoE-PEFT adapter (no router_policy key) routes freely, and says so
+        string moePeft = _dir.Sub("moe-peft");
+        using (var m = LlamaForCausalLM.FromPretrained(_model))
+        {
+            MixLoraAdapters.Attach(m, MixLoraTestKit.Config(), seed: 2);
+            MixLoraAdapters.Save(m, MixLoraTestKit.Config(), moePeft);
+        }
+        Assert.DoesNotContain("router_policy", File.ReadAllText(Path.Combine(moePeft, "adapter_config.json")));
+        var plain = Run(["generate", "--model", _model, "--adapter", moePeft, "--chat", chat, .. gen]);
+        Assert.True(plain.Code == 0, plain.Err);
+        Assert.Contains("router policy: free (", plain.Err);
+        Assert.Contains("has no router_policy", plain.Err);
+
+        // a privileged override fails closed on raw ids (no privilege labels), as a privileged adapter does
+        var raw = Run(["generate", "--model", _model, "--adapter", moePeft, "--prompt-ids", "1,2,3", "--router-policy", "privileged", .. gen]);
+        Assert.Equal(CliApp.ExitError, raw.Code);
+        Assert.Contains("privilege labels", raw.Err);
+        Assert.Equal(0, Run(["generate", "--model", _model, "--adapter", moePeft, "--prompt-ids", "1,2,3", .. gen]).Code);
+
+        // the options need a MixLoRA adapter
+        var none = Run(["generate", "--model", _model, "--chat", chat, "--router-policy", "privileged", .. gen]);
+        Assert.Equal(CliApp.ExitError, none.Code);
+        Assert.Contains("--router-policy applies to a MixLoRA adapter", none.Err);
+        var badValue = Run(["generate", "--model", _model, "--adapter", _adapter, "--chat", chat, "--router-policy", "strict", .. gen]);
+        Assert.Equal(CliApp.ExitUsage, badValue.Code);
+
+        // chat (interactive) and eval too
+        var chatRun = CliApp.Run(["chat", "--model", _model, "--adapter", moePeft, "--router-policy", "privileged", .. gen],
+            new StringWriter(), new StringWriter() is var chatErr ? chatErr : null, new StringReader("hello\n/exit\n"));
+        Assert.Equal(0, chatRun);
+        Assert.Contains("router policy: privileged, snapshot last (from --router-policy)", chatErr.ToString());
+        string data = RecipeFixtures.ChatJsonl(_dir.Sub("eval.jsonl"), count: 3);
+        var eval = Run("eval", "--model", _model, "--adapter", _adapter, "--dataset", data, "--router-policy", "free", "--max-new-tokens", "2", "--json");
+        Assert.True(eval.Code == 0, eval.Err);
+        Assert.Contains("router policy: free (from --router-policy)", eval.Err);
+        var evalNone = Run("eval", "--model", _model, "--dataset", data, "--router-policy", "free");
+        Assert.Equal(CliApp.ExitError, evalNone.Code);
+    }
+
+    [Fact]
     public void BadInputExitsWithAnActionableMessageAndWritesNothing()
     {
         string chat = ChatFile("chat.json", "blue");

@@ -50,3 +50,103 @@ public sealed class RouterPolicyConfigTests
         Assert.Contains(key, ex.Message);
     }
 }
+
+/// <summary>Finding 4 of the routing review: LoraMix's router keys never downgrade silently.</summary>
+public sealed class RouterKeyStrictnessTests
+{
+    private static JsonObject Base() => (JsonObject)JsonNode.Parse(new MixLoraConfig { RouterPolicy = "privileged" }.ToJson())!;
+
+    [Theory]
+    [InlineData("router_policy")]
+    [InlineData("privileged_snapshot")]
+    [InlineData("privilege_embedding")]
+    public void ANullOwnKeyIsAnErrorNamingTheKey(string key)
+    {
+        var obj = Base();
+        obj[key] = null;
+        var e = Assert.Throws<AdapterConfigException>(() => MixLoraConfig.Parse(obj, "adapter_config.json"));
+        Assert.Contains(key, e.Message);
+        Assert.Contains("null", e.Message);
+        Assert.Contains("adapter_config.json", e.Message);
+    }
+
+    [Theory]
+    [InlineData("router-policy", "router_policy")]
+    [InlineData("routerPolicy", "router_policy")]
+    [InlineData("RouterPolicy", "router_policy")]
+    [InlineData("Router_Policy", "router_policy")]
+    [InlineData("router_polcy", "router_policy")]
+    [InlineData("router_policies", "router_policy")]
+    [InlineData("router policy", "router_policy")]
+    [InlineData("privileged-snapshot", "privileged_snapshot")]
+    [InlineData("privilegedSnapshot", "privileged_snapshot")]
+    [InlineData("privilege_embeding", "privilege_embedding")]
+    [InlineData("privilegeEmbedding", "privilege_embedding")]
+    public void AKeyThatLooksLikeOursIsAnErrorNamingItAndTheRealOne(string typo, string meant)
+    {
+        var obj = (JsonObject)JsonNode.Parse(new MixLoraConfig().ToJson())!;
+        obj[typo] = typo.Contains("embed", StringComparison.OrdinalIgnoreCase) ? JsonValue.Create(true) : JsonValue.Create("privileged");
+        var e = Assert.Throws<AdapterConfigException>(() => MixLoraConfig.Parse(obj, "adapter_config.json"));
+        Assert.Contains(typo, e.Message);
+        Assert.Contains(meant, e.Message);
+    }
+
+    [Theory]
+    [InlineData("routing_strategy_note")]
+    [InlineData("peft_version")]
+    [InlineData("router")]
+    [InlineData("policy")]
+    [InlineData("")]
+    public void OtherUnknownKeysAreIgnoredAsMoePeftDoes(string key)
+    {
+        var obj = (JsonObject)JsonNode.Parse(new MixLoraConfig().ToJson())!;
+        obj[key] = "x";
+        Assert.Equal("free", MixLoraConfig.Parse(obj).RouterPolicy);
+    }
+
+    [Fact]
+    public void AMoePeftAdapterWithoutTheKeyIsFree()
+    {
+        var obj = (JsonObject)JsonNode.Parse(new MixLoraConfig().ToJson())!;
+        Assert.False(obj.ContainsKey("router_policy"));
+        Assert.Equal("free", MixLoraConfig.Parse(obj).RouterPolicy);
+    }
+
+    [Theory]
+    [InlineData("router_policy")]
+    [InlineData("privileged_snapshot")]
+    [InlineData("privilege_embedding")]
+    public void ARecipeWithANullRouterKeyIsAnErrorNamingTheKey(string key)
+    {
+        string yaml = $"""
+            model: models/base
+            dataset: data.jsonl
+            output_dir: out/a
+            adapter:
+              type: mixlora
+              {key}:
+            """;
+        var e = Assert.Throws<LoraMix.Configuration.ConfigFileException>(() =>
+            LoraMix.Training.TrainingRecipe.Parse(LoraMix.Configuration.ConfigDocument.Parse(yaml, "recipe.yaml")));
+        Assert.Contains("adapter." + key, e.Message);
+        Assert.Contains("recipe.yaml", e.Message);
+    }
+
+    [Theory]
+    [InlineData("router-policy")]
+    [InlineData("routerPolicy")]
+    public void ARecipeWithALookAlikeRouterKeyIsAnError(string key)
+    {
+        string yaml = $"""
+            model: models/base
+            dataset: data.jsonl
+            output_dir: out/a
+            adapter:
+              type: mixlora
+              {key}: privileged
+            """;
+        var e = Assert.ThrowsAny<LoraMixException>(() =>
+            LoraMix.Training.TrainingRecipe.Parse(LoraMix.Configuration.ConfigDocument.Parse(yaml, "recipe.yaml")));
+        Assert.Contains(key, e.Message);
+    }
+}

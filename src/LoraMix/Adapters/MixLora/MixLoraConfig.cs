@@ -419,8 +419,8 @@ public sealed record MixLoraConfig
         }
     }
 
-    /// <summary>The own key that <paramref name="key"/> looks like (same letters ignoring case, '_', '-', '.' and spaces,
-    /// or at most two edits from it), or null.</summary>
+    /// <summary>The own key that <paramref name="key"/> looks like (comparing letters and digits only, ignoring case: equal,
+    /// at most two edits apart, or containing all of it but its last two letters), or null.</summary>
     internal static string? LooksLikeOwnKey(string key)
     {
         static string Norm(string k) => new([.. k.ToLowerInvariant().Where(char.IsLetterOrDigit)]);
@@ -428,7 +428,7 @@ public sealed record MixLoraConfig
         foreach (var own in OwnKeys)
         {
             string o = Norm(own);
-            if (n == o || Levenshtein(n, o) <= 2) return own;
+            if (n == o || Levenshtein(n, o) <= 2 || n.Contains(o[..^2], StringComparison.Ordinal)) return own;
         }
         return null;
     }
