@@ -117,6 +117,23 @@ internal static class RoutingCommands
             return ResolvePolicy(MixLoraConfig.Load(Path.Combine(mixLora, MixLoraAdapters.ConfigFileName)), name, snap);
         }
 
+        /// <summary>Loads the engine with <paramref name="adapters"/> and the router policy the command line asks for, and
+        /// says on stderr which policy a MixLoRA adapter routes with.</summary>
+        public ChatEngine LoadEngine(ParseResult p, string model, IReadOnlyList<string> adapters, string device, string dtype, string? template)
+        {
+            var policy = Resolve(p, adapters);
+            var engine = ChatEngine.Load(model, new EngineOptions
+            {
+                Device = TorchRuntime.ParseDevice(device),
+                DType = TorchRuntime.ParseDType(dtype),
+                Adapters = adapters,
+                Template = template,
+                RouterPolicy = policy,
+            });
+            Announce(engine, adapters, p.InvocationConfiguration.Error);
+            return engine;
+        }
+
         /// <summary>Writes, once, which router policy the engine's MixLoRA adapter routes with and where it came from;
         /// nothing when no adapter has a router.</summary>
         public static void Announce(ChatEngine engine, IReadOnlyList<string> adapters, TextWriter error)

@@ -52,21 +52,8 @@ internal static class TextCommands
 
         /// <summary>Loads the engine with the adapters and the router policy the command line gives, and says on stderr
         /// which policy a MixLoRA adapter routes with.</summary>
-        public ChatEngine LoadEngine(ParseResult p, string model)
-        {
-            var adapters = p.GetValue(Adapter) ?? [];
-            var policy = Router.Resolve(p, adapters);
-            var engine = ChatEngine.Load(model, new EngineOptions
-            {
-                Device = TorchRuntime.ParseDevice(p.GetValue(Device)!),
-                DType = TorchRuntime.ParseDType(p.GetValue(DType)!),
-                Adapters = adapters,
-                Template = p.GetValue(Template),
-                RouterPolicy = policy,
-            });
-            RoutingCommands.RouterPolicyOptions.Announce(engine, adapters, p.InvocationConfiguration.Error);
-            return engine;
-        }
+        public ChatEngine LoadEngine(ParseResult p, string model) =>
+            Router.LoadEngine(p, model, p.GetValue(Adapter) ?? [], p.GetValue(Device)!, p.GetValue(DType)!, p.GetValue(Template));
     }
 
     public static Command Generate()

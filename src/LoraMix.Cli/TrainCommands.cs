@@ -133,17 +133,8 @@ internal static class TrainCommands
         {
             string file = p.GetValue(dataset)!;
             var data = DatasetReader.Load(file, DatasetFormat.Auto, p.GetValue(skipBad));   // bad input fails before the model loads
-            var adapters = p.GetValue(adapter) ?? [];
-            var policy = router.Resolve(p, adapters);
-            using var engine = ChatEngine.Load(p.GetValue(model)!, new EngineOptions
-            {
-                Device = TorchRuntime.ParseDevice(p.GetValue(device)!),
-                DType = TorchRuntime.ParseDType(p.GetValue(dtype)!),
-                Adapters = adapters,
-                Template = p.GetValue(template),
-                RouterPolicy = policy,
-            });
-            RoutingCommands.RouterPolicyOptions.Announce(engine, adapters, p.InvocationConfiguration.Error);
+            using var engine = router.LoadEngine(p, p.GetValue(model)!, p.GetValue(adapter) ?? [], p.GetValue(device)!, p.GetValue(dtype)!,
+                p.GetValue(template));
             var skipped = data.Skipped.ToList();
             var rendered = TrainingData.FromRecords(data.Records, engine.Renderer, trainOnPrompt: false, p.GetValue(skipBad), file, skipped);
             var loss = Trainer.Evaluate(engine.Model, [.. rendered.Select(r => r.Example)], p.GetValue(cutoff), p.GetValue(batch),

@@ -42,14 +42,7 @@ internal static class PrivilegedPrefill
             if (routing.PolicyState is not PrivilegedRoutingState s || s.Batch != b) return null;
             state = s;
         }
-        long[] label;
-        bool[] real;
-        using (NewDisposeScope())
-        {
-            label = labels.to(ScalarType.Int64).cpu().reshape(-1).data<long>().ToArray();
-            real = attentionMask is null ? Enumerable.Repeat(true, (int)(b * t)).ToArray()
-                : attentionMask.to(ScalarType.Bool).cpu().reshape(-1).data<bool>().ToArray();
-        }
+        var (label, real) = PrivilegedRoutingState.HostLabels(labels, attentionMask, b, t);
         var prefixes = new List<Prefix>();
         for (int row = 0; row < b; row++)
         {
@@ -195,7 +188,7 @@ internal static class PrivilegedPrefill
                 foreach (var run in prefixRuns)
                 {
                     run.Single.Dispose();
-                    if (run.Records is not null) DisposeRecords(run.Records);
+                    if (run.Records is not null) foreach (var r in run.Records) r.DisposeTensors();
                 }
             }
         }
@@ -247,17 +240,5 @@ internal static class PrivilegedPrefill
                 counted.view(b, t).DetachFromDisposeScope()));
         }
         collector.Replace(merged);
-    }
-
-    private static void DisposeRecords(List<RouterRecord> records)
-    {
-        foreach (var r in records)
-        {
-            r.Logits.Dispose();
-            r.Experts.Dispose();
-            r.Weights.Dispose();
-            r.Active?.Dispose();
-            r.TokenMask?.Dispose();
-        }
     }
 }

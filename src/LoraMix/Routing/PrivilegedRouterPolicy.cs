@@ -210,14 +210,7 @@ public sealed class PrivilegedRoutingState : IDisposable
             ?? throw new InvalidOperationException("router_policy \"privileged\": set RoutingContext.PrivilegeLabels (or SetPrivileges) before every forward step, decoding steps included");
         if (labels.dim() != 2 || labels.shape[0] != b || labels.shape[1] != t)
             throw new ArgumentException($"privilege labels are [{string.Join(", ", labels.shape)}] but the step's input is [{b}, {t}]");
-        long[] label;
-        bool[] real;
-        using (NewDisposeScope())
-        {
-            label = labels.to(ScalarType.Int64).cpu().reshape(-1).data<long>().ToArray();
-            real = tokenMask is null ? Enumerable.Repeat(true, (int)(b * t)).ToArray()
-                : tokenMask.to(ScalarType.Bool).cpu().reshape(-1).data<bool>().ToArray();
-        }
+        var (label, real) = HostLabels(labels, tokenMask, b, t);
         var routed = new bool[b * t];
         var routedIndex = new List<long>();
         var lastRouted = new long[b];
@@ -286,6 +279,16 @@ public sealed class PrivilegedRoutingState : IDisposable
             Last.Dispose();
             Sum.Dispose();
         }
+    }
+
+    /// <summary>The labels and the real-token flags of a <c>[b, t]</c> step as host arrays (row-major).</summary>
+    internal static (long[] Labels, bool[] Real) HostLabels(Tensor labels, Tensor? tokenMask, long b, long t)
+    {
+        using var scope = NewDisposeScope();
+        var label = labels.to(ScalarType.Int64).cpu().reshape(-1).data<long>().ToArray();
+        var real = tokenMask is null ? Enumerable.Repeat(true, (int)(b * t)).ToArray()
+            : tokenMask.to(ScalarType.Bool).cpu().reshape(-1).data<bool>().ToArray();
+        return (label, real);
     }
 
     /// <summary>A fresh state for <paramref name="batch"/> rows, stored in <paramref name="routing"/> (replacing any).</summary>

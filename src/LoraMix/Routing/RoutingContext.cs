@@ -163,7 +163,18 @@ public sealed class RoutingContext : IDisposable
 /// <param name="Active">Active slots <c>[B, T, K]</c>, or null when all are.</param>
 /// <param name="TokenMask">The tokens to count <c>[B, T]</c> in losses and statistics: real tokens routed by the router on
 /// their own hidden state (padding, and frozen tokens under the privileged policy, excluded), or null for every token.</param>
-public sealed record RouterRecord(int Layer, Tensor Logits, Tensor Experts, Tensor Weights, Tensor? Active, Tensor? TokenMask);
+public sealed record RouterRecord(int Layer, Tensor Logits, Tensor Experts, Tensor Weights, Tensor? Active, Tensor? TokenMask)
+{
+    /// <summary>Frees its tensors (the holder of the record owns them).</summary>
+    internal void DisposeTensors()
+    {
+        Logits.Dispose();
+        Experts.Dispose();
+        Weights.Dispose();
+        Active?.Dispose();
+        TokenMask?.Dispose();
+    }
+}
 
 /// <summary>
 /// Holds the router records of the latest forward call, in layer order. It owns the tensors (they outlive the forward
@@ -202,14 +213,7 @@ public sealed class RouterLogitsCollector : IDisposable
 
     public void Clear()
     {
-        foreach (var r in _records)
-        {
-            r.Logits.Dispose();
-            r.Experts.Dispose();
-            r.Weights.Dispose();
-            r.Active?.Dispose();
-            r.TokenMask?.Dispose();
-        }
+        foreach (var r in _records) r.DisposeTensors();
         _records.Clear();
     }
 
