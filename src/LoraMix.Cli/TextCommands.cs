@@ -17,7 +17,7 @@ internal static class TextCommands
     /// <summary>The sampling options shared by generate and chat.</summary>
     private sealed class SamplingOptions
     {
-        public Option<int> MaxNew { get; } = new("--max-new-tokens") { Description = "Maximum tokens to generate (default 256).", DefaultValueFactory = _ => 256 };
+        public Option<int> MaxNew { get; } = new("--max-new-tokens") { Description = "Maximum tokens to generate (default 256); prompt plus output stop at the model's context.", DefaultValueFactory = _ => 256 };
         public Option<double> Temperature { get; } = new("--temperature") { Description = "Sampling temperature; 0 is greedy.", DefaultValueFactory = _ => 1.0 };
         public Option<int> TopK { get; } = new("--top-k") { Description = "Keep the K most likely tokens (0 = off).", DefaultValueFactory = _ => 0 };
         public Option<double> TopP { get; } = new("--top-p") { Description = "Nucleus sampling mass (1 = off).", DefaultValueFactory = _ => 1.0 };
@@ -26,15 +26,19 @@ internal static class TextCommands
         public Option<string?> Stop { get; } = new("--stop-ids") { Description = "Extra stop token ids, comma-separated." };
         public Option<bool> IgnoreEos { get; } = new("--ignore-eos") { Description = "Do not stop at EOS or end-of-turn tokens." };
         public Option<string[]> Adapter { get; } = new("--adapter") { Description = "Adapter directory to apply: PEFT LoRA (repeatable, summed) or one MoE-PEFT MixLoRA.", AllowMultipleArgumentsPerToken = false };
+        public Option<double> MaxKvCacheGib { get; } = new("--max-kv-cache-gib") { Description = "Refuse a generation whose KV cache would exceed this many GiB (default 8).", DefaultValueFactory = _ => GenerationOptions.DefaultMaxKvCacheBytes / (double)(1L << 30) };
         public Option<string?> Template { get; } = new("--template") { Description = $"Chat template: {string.Join(", ", ChatTemplate.Names)} (default: from tokenizer_config.json)." };
         public Option<string> Device { get; } = ModelCommands.DeviceOption();
         public Option<string> DType { get; } = ModelCommands.DTypeOption("f32");
         public RoutingCommands.RouterPolicyOptions Router { get; } = new();
 
-        public IEnumerable<Option> All => [MaxNew, Temperature, TopK, TopP, Repetition, Seed, Stop, IgnoreEos, Adapter, Template, Device, DType, .. Router.All];
+        public IEnumerable<Option> All => [MaxNew, Temperature, TopK, TopP, Repetition, Seed, Stop, IgnoreEos, MaxKvCacheGib, Adapter, Template, Device, DType, .. Router.All];
 
         public GenerationOptions Generation(ParseResult p)
         {
+            double gib = p.GetValue(MaxKvCacheGib);
+            if (!(gib > 0) || double.IsInfinity(gib)) throw new ArgumentException($"--max-kv-cache-gib must be > 0 and finite, got {gib}");
+            const double bytesPerGib = 1L << 30;
             var o = new GenerationOptions
             {
                 MaxNewTokens = p.GetValue(MaxNew),
@@ -45,6 +49,7 @@ internal static class TextCommands
                 Seed = p.GetValue(Seed),
                 StopTokenIds = p.GetValue(Stop) is { } s ? ModelCommands.ParseIds(s, "--stop-ids") : [],
                 StopAtEos = !p.GetValue(IgnoreEos),
+                MaxKvCacheBytes = gib >= long.MaxValue / bytesPerGib ? long.MaxValue : Math.Max(1, (long)(gib * bytesPerGib)),
             };
             o.Validate();
             return o;
@@ -84,6 +89,7 @@ internal static class TextCommands
             // A chat keeps its privilege labels (MixLoRA routing under router_policy); raw prompts are plain ids.
             var rendered = given is null && messages is not null ? engine.RenderForGeneration(messages) : null;
             int[] ids = given ?? rendered?.Ids ?? engine.EncodePrompt(p.GetValue(prompt)!);
+            NoteContextClamp(p.InvocationConfiguration.Error, engine, ids.Length, options.MaxNewTokens);
             EngineResult Run(Action<string>? onText) =>
                 rendered is not null ? engine.Generate(rendered, options, onText) : engine.Generate(ids, options, onText);
             var output = p.InvocationConfiguration.Output;
@@ -191,7 +197,7 @@ internal static class TextCommands
         var model = ModelCommands.ModelOption();
         var system = new Option<string?>("--system") { Description = "A system message that starts the conversation." };
         var sampling = new SamplingOptions();
-        var cmd = new Command("chat", "Chat with a model interactively (/reset clears the conversation, /exit or end of input quits).") { model, system };
+        var cmd = new Command("chat", "Chat with a model interactively (/reset clears the conversation, /exit or end of input quits); when the context is full the oldest turns are dropped, the system message kept.") { model, system };
         foreach (var o in sampling.All) cmd.Options.Add(o);
         cmd.SetAction(p =>
         {
@@ -200,6 +206,12 @@ internal static class TextCommands
             _ = engine.Renderer; // fail before the first prompt when there is no template
             var o = p.InvocationConfiguration.Output;
             var e = p.InvocationConfiguration.Error;
+            // Each reply gets --max-new-tokens, at most half the context, so that the conversation keeps the other half.
+            int reserve = Math.Min(options.MaxNewTokens, engine.ContextLength / 2);
+            if (reserve < options.MaxNewTokens)
+                e.WriteLine($"note: --max-new-tokens {options.MaxNewTokens} is more than half the model's context of {engine.ContextLength} " +
+                            $"tokens; each reply is capped at {reserve} tokens");
+            var replyOptions = options with { MaxNewTokens = reserve };
             var history = new List<ChatMessage>();
             void Reset()
             {
@@ -217,14 +229,68 @@ internal static class TextCommands
                 if (line.Trim() == "/reset") { Reset(); e.WriteLine("(conversation cleared)"); continue; }
                 if (line.Trim().Length == 0) continue;
                 history.Add(ChatMessage.User(line));
-                var result = engine.Chat(history, options, text => { o.Write(text); o.Flush(); });
+                var rendered = FitConversation(engine, history, reserve, e);
+                if (rendered is null)
+                {
+                    history.RemoveAt(history.Count - 1);
+                    continue;
+                }
+                var result = engine.Generate(rendered, replyOptions, text => { o.Write(text); o.Flush(); });
                 o.WriteLine();
                 history.Add(ChatMessage.Assistant(result.Text));
-                if (result.FinishReason == FinishReason.Length) e.WriteLine($"[stopped at --max-new-tokens {options.MaxNewTokens}]");
+                if (result.FinishReason == FinishReason.Length)
+                    e.WriteLine(reserve == options.MaxNewTokens ? $"[stopped at --max-new-tokens {options.MaxNewTokens}]" : $"[stopped at the reply cap of {reserve} tokens]");
             }
             return 0;
         });
         return cmd;
+    }
+
+    /// <summary>Says on stderr, before generating, when the model's context will end the output before
+    /// <paramref name="maxNewTokens"/> (a prompt that leaves no room at all is refused by the generator).</summary>
+    private static void NoteContextClamp(TextWriter error, ChatEngine engine, int promptTokens, int maxNewTokens)
+    {
+        int context = engine.ContextLength;
+        if (promptTokens >= context || (long)promptTokens + maxNewTokens <= context) return;
+        error.WriteLine($"note: the prompt's {promptTokens} tokens + --max-new-tokens {maxNewTokens} exceed the model's context of " +
+                        $"{context} tokens (max_position_embeddings); generation stops at the context end, after at most " +
+                        $"{context - promptTokens} new tokens");
+    }
+
+    /// <summary>
+    /// Fits the conversation (ending with the new user message) into the model's context with <paramref name="reserve"/>
+    /// tokens left for the reply: drops the oldest turns (a user message and the reply to it) but never the system
+    /// message, one line on <paramref name="error"/> per dropped turn. Returns the rendered conversation, or null (and
+    /// says why) when even the system message and the new user message leave no room; the history is then unchanged.
+    /// </summary>
+    private static RenderedChat? FitConversation(ChatEngine engine, List<ChatMessage> history, int reserve, TextWriter error)
+    {
+        int context = engine.ContextLength;
+        int room = context - Math.Max(reserve, 1);
+        var rendered = engine.RenderForGeneration(history);
+        if (rendered.Length <= room) return rendered;
+        int head = history[0].Role == ChatRole.System ? 1 : 0;
+        var minimal = history.Count - head == 1 ? rendered : engine.RenderForGeneration([.. history.Take(head), history[^1]]);
+        if (minimal.Length > room)
+        {
+            string with = head == 1 ? "with the system message, " : "";
+            error.WriteLine($"error: message not sent: {with}it renders to {minimal.Length} tokens, and with {reserve} tokens for the " +
+                            $"reply that exceeds the model's context of {context} tokens; send a shorter message (or lower " +
+                            "--max-new-tokens); the conversation is kept");
+            return null;
+        }
+        while (rendered.Length > room)
+        {
+            int before = rendered.Length;
+            int removed = 1;
+            history.RemoveAt(head);
+            if (history.Count - head > 1 && history[head].Role != ChatRole.User) { history.RemoveAt(head); removed++; }
+            rendered = engine.RenderForGeneration(history);
+            error.WriteLine($"[context full: dropped the oldest turn ({removed} message{(removed == 1 ? "" : "s")}, " +
+                            $"{before - rendered.Length} tokens); the conversation is now {rendered.Length} of {context} tokens, " +
+                            $"{reserve} kept for the reply]");
+        }
+        return rendered;
     }
 
     internal static string PrivilegeName(Privilege p) => p.ToString().ToLowerInvariant();

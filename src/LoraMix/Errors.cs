@@ -116,3 +116,59 @@ public sealed class AdapterConfigException : LoraMixException
     /// <summary>Why it was rejected, and what is accepted.</summary>
     public string Reason { get; }
 }
+
+/// <summary>
+/// A prompt does not fit the model's context (<c>max_position_embeddings</c>): it is refused before any forward pass.
+/// </summary>
+public sealed class ContextLengthException : LoraMixException
+{
+    public ContextLengthException(int promptTokens, int contextLength, string message)
+        : base(message)
+    {
+        PromptTokens = promptTokens;
+        ContextLength = contextLength;
+    }
+
+    /// <summary>The prompt's length in tokens.</summary>
+    public int PromptTokens { get; }
+
+    /// <summary>The model's context in tokens (<c>max_position_embeddings</c>).</summary>
+    public int ContextLength { get; }
+}
+
+/// <summary>A generation's KV cache would need more memory than the stated limit: refused before it is allocated.</summary>
+public sealed class KvCacheLimitException : LoraMixException
+{
+    public KvCacheLimitException(long requiredBytes, long limitBytes, string message)
+        : base(message)
+    {
+        RequiredBytes = requiredBytes;
+        LimitBytes = limitBytes;
+    }
+
+    /// <summary>The estimated size of the cache.</summary>
+    public long RequiredBytes { get; }
+
+    /// <summary>The limit it exceeds.</summary>
+    public long LimitBytes { get; }
+}
+
+/// <summary>
+/// The model produced NaN or infinite logits at run time (broken model or adapter weights, or overflow in a 16-bit
+/// dtype): generation stops instead of sampling garbage.
+/// </summary>
+public sealed class NonFiniteLogitsException : LoraMixException
+{
+    public NonFiniteLogitsException(int step, int row, string message)
+        : base(message)
+    {
+        Step = step;
+        Row = row;
+    }
+
+    /// <summary>The decoding step (0 = the prefill of the prompt).</summary>
+    public int Step { get; }
+
+    /// <summary>The prompt (batch row) whose logits are not finite.</summary>
+    public int Row { get; }
+}

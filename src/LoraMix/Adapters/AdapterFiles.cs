@@ -78,18 +78,49 @@ internal sealed class AdapterWeights : IDisposable
         Shapes = st is not null
             ? st.TensorNames.ToDictionary(n => n, n => st.GetEntry(n).Shape)
             : pickled!.ToDictionary(kv => kv.Key, kv => kv.Value.shape);
+        DTypes = st is not null
+            ? st.TensorNames.ToDictionary(n => n, n => st.GetEntry(n).ScalarType)
+            : pickled!.ToDictionary(kv => kv.Key, kv => kv.Value.dtype);
     }
+
+    /// <summary>Throws a <see cref="CheckpointFormatException"/> naming the first (by name) tensor that is not floating
+    /// point: an integer or boolean tensor would otherwise be cast silently into the adapter's float parameters.</summary>
+    private void RequireFloatingPoint()
+    {
+        foreach (var (name, dtype) in DTypes.OrderBy(kv => kv.Key, StringComparer.Ordinal))
+            if (!IsFloatingPoint(dtype))
+                throw new CheckpointFormatException(FilePath, name,
+                    $"dtype {DTypeName(dtype)}; adapter weights must be floating point (F32/F16/BF16)");
+    }
+
+    private static bool IsFloatingPoint(ScalarType dtype) =>
+        dtype is ScalarType.Float32 or ScalarType.Float16 or ScalarType.BFloat16 or ScalarType.Float64;
+
+    /// <summary>The torch name of a dtype (<c>int64</c>, <c>uint8</c>, <c>bool</c>, ...).</summary>
+    private static string DTypeName(ScalarType dtype) => dtype == ScalarType.Byte ? "uint8" : dtype.ToString().ToLowerInvariant();
 
     public string FilePath { get; }
     public IReadOnlyDictionary<string, long[]> Shapes { get; }
+    public IReadOnlyDictionary<string, ScalarType> DTypes { get; }
 
+    /// <summary>Opens the adapter's weight file; every tensor in it must be floating point (F32, F16, BF16 or F64).</summary>
     public static AdapterWeights Open(string directory, string safetensorsName, string binName = "adapter_model.bin")
     {
         string st = Path.Combine(directory, safetensorsName);
-        if (File.Exists(st)) return new AdapterWeights(st, SafetensorsCheckpoint.OpenFile(st), null);
         string bin = Path.Combine(directory, binName);
-        if (File.Exists(bin)) return new AdapterWeights(bin, null, TorchPickleReader.Read(bin));
-        throw new LoraMixException($"{directory}: neither {safetensorsName} nor {binName} found");
+        var weights = File.Exists(st) ? new AdapterWeights(st, SafetensorsCheckpoint.OpenFile(st), null)
+            : File.Exists(bin) ? new AdapterWeights(bin, null, TorchPickleReader.Read(bin))
+            : throw new LoraMixException($"{directory}: neither {safetensorsName} nor {binName} found");
+        try
+        {
+            weights.RequireFloatingPoint();
+            return weights;
+        }
+        catch
+        {
+            weights.Dispose();
+            throw;
+        }
     }
 
     public void ReadInto(string name, Tensor destination)

@@ -88,6 +88,10 @@ public sealed class ChatEngine : IDisposable
     /// <summary>The model (with any adapters attached).</summary>
     public LlamaForCausalLM Model { get; }
 
+    /// <summary>The model's context in tokens (<c>max_position_embeddings</c>): a prompt must be shorter, and prompt plus
+    /// generated tokens never exceed it.</summary>
+    public int ContextLength => Model.Config.MaxPositionEmbeddings;
+
     /// <summary>The loaded MixLoRA adapter's config, or null when no MixLoRA adapter is loaded.</summary>
     public MixLoraConfig? MixLora { get; }
 
@@ -316,7 +320,8 @@ public sealed class ChatEngine : IDisposable
     /// </summary>
     /// <param name="messages">The conversation.</param>
     /// <param name="policyOverride">The router policy to route with instead of the adapter's, or null.</param>
-    /// <param name="generateTokens">Greedy decoding steps to trace after the prompt (0: prefill only).</param>
+    /// <param name="generateTokens">Greedy decoding steps to trace after the prompt (0: prefill only); fewer when the
+    /// model's context ends first (the inspection's finish reason is then length).</param>
     /// <param name="stopAtStopTokens">Stop early at the engine's stop tokens (EOS, end of turn).</param>
     /// <param name="cancellationToken">Cancels between decoding steps.</param>
     /// <exception cref="LoraMixException">No MixLoRA adapter is loaded, or the model has no tokenizer or chat template.</exception>
@@ -332,7 +337,7 @@ public sealed class ChatEngine : IDisposable
         // One step more than the tokens to trace: the generator never feeds back the last token it samples.
         var options = new GenerationOptions
         {
-            MaxNewTokens = generateTokens + 1, Temperature = 0, StopAtEos = stopAtStopTokens,
+            MaxNewTokens = generateTokens == int.MaxValue ? generateTokens : generateTokens + 1, Temperature = 0, StopAtEos = stopAtStopTokens,
             StopTokenIds = stopAtStopTokens ? [.. StopTokenIds] : [],
         };
         _modelThread.Wait(cancellationToken);
@@ -340,7 +345,9 @@ public sealed class ChatEngine : IDisposable
         {
             using var routing = new RoutingContext { Policy = policy, Trace = new RoutingTrace() };
             var generated = new TokenGenerator(Model).Generate(chat, options, routing, cancellationToken: cancellationToken);
-            int traced = Math.Min(generated.Tokens.Count, generateTokens);
+            // Fed back (and traced): every kept token when a stop token ended it, else all but the last sampled one.
+            int fed = generated.FinishReason == FinishReason.Stop ? generated.Tokens.Count : Math.Max(0, generated.Tokens.Count - 1);
+            int traced = Math.Min(fed, generateTokens);
             var routes = routing.Trace!.Row(0);
             if (routes.Count != chat.Length + traced)
                 throw new InvalidOperationException($"routing trace has {routes.Count} tokens, expected {chat.Length} prompt + {traced} generated");

@@ -8,7 +8,13 @@ namespace LoraMix.Inference;
 /// <summary>Sampling and stopping settings. <see cref="Temperature"/> 0 means greedy decoding.</summary>
 public sealed record GenerationOptions
 {
-    /// <summary>Maximum number of tokens to generate per prompt (stop tokens not counted in the output).</summary>
+    /// <summary>The default <see cref="MaxKvCacheBytes"/>: 8 GiB.</summary>
+    public const long DefaultMaxKvCacheBytes = 8L << 30;
+
+    /// <summary>Maximum number of tokens to generate per prompt (stop tokens not counted in the output). Clamped to the
+    /// model's context: a prompt of P tokens gets at most <c>max_position_embeddings - P</c> new tokens, so prompt plus
+    /// output never exceed the context, and a sequence cut there ends with <see cref="FinishReason.Length"/> (as
+    /// transformers' <c>max_length</c>). The KV cache is sized by the clamped budget, never by the raw request.</summary>
     public int MaxNewTokens { get; init; } = 128;
     /// <summary>Softmax temperature; 0 selects the arg-max token (greedy).</summary>
     public double Temperature { get; init; } = 1.0;
@@ -24,6 +30,10 @@ public sealed record GenerationOptions
     public IReadOnlyCollection<int> StopTokenIds { get; init; } = [];
     /// <summary>Stop at the model's EOS ids (config <c>eos_token_id</c>).</summary>
     public bool StopAtEos { get; init; } = true;
+    /// <summary>The most memory a generation's KV cache may take (default <see cref="DefaultMaxKvCacheBytes"/>). The size
+    /// is estimated before anything is allocated (<see cref="TokenGenerator.KvCacheBytes"/>) and a larger cache is
+    /// refused with a <see cref="KvCacheLimitException"/>.</summary>
+    public long MaxKvCacheBytes { get; init; } = DefaultMaxKvCacheBytes;
 
     /// <summary>Throws <see cref="ArgumentException"/> for out-of-range settings.</summary>
     public void Validate()
@@ -33,13 +43,14 @@ public sealed record GenerationOptions
         if (TopK < 0) throw new ArgumentException($"top-k must be >= 0, got {TopK}");
         if (!(TopP > 0 && TopP <= 1)) throw new ArgumentException($"top-p must be in (0, 1], got {TopP}");
         if (!(RepetitionPenalty > 0) || double.IsInfinity(RepetitionPenalty)) throw new ArgumentException($"repetition penalty must be > 0, got {RepetitionPenalty}");
+        if (MaxKvCacheBytes <= 0) throw new ArgumentException($"the KV cache limit must be > 0 bytes, got {MaxKvCacheBytes}");
     }
 }
 
 /// <summary>Why a sequence ended.</summary>
 public enum FinishReason
 {
-    /// <summary>The token budget ran out.</summary>
+    /// <summary>The token budget ran out: <see cref="GenerationOptions.MaxNewTokens"/>, or the model's context.</summary>
     Length,
     /// <summary>A stop or EOS token was sampled.</summary>
     Stop,
@@ -94,6 +105,12 @@ public sealed class TokenGenerator
     /// <remarks>The trace holds, per row, the prompt tokens then each generated token as it was fed back; the last
     /// sampled token is never run through the model (nothing follows it), and a row that stopped early keeps being
     /// stepped (its extra tokens are traced too): cut at the prompt length plus <see cref="GeneratedSequence.Tokens"/>.</remarks>
+    /// <exception cref="ContextLengthException">A prompt has <c>max_position_embeddings</c> tokens or more (checked before
+    /// any forward pass). Longer requests are clamped instead: see <see cref="GenerationOptions.MaxNewTokens"/>.</exception>
+    /// <exception cref="KvCacheLimitException">The KV cache would exceed <see cref="GenerationOptions.MaxKvCacheBytes"/>
+    /// (checked before it is allocated).</exception>
+    /// <exception cref="NonFiniteLogitsException">The model's logits for a running row hold NaN or infinity (checked every
+    /// step, with the copy of the sampled ids to the host).</exception>
     public IReadOnlyList<GeneratedSequence> Generate(IReadOnlyList<IReadOnlyList<int>> prompts, GenerationOptions options,
         RoutingContext? routing, IReadOnlyList<IReadOnlyList<Privilege>>? privileges, Action<int, int>? onToken = null,
         CancellationToken cancellationToken = default)
@@ -110,28 +127,42 @@ public sealed class TokenGenerator
                 if (privileges[i].Count != prompts[i].Count)
                     throw new ArgumentException($"prompt {i} has {prompts[i].Count} tokens but {privileges[i].Count} privilege labels", nameof(privileges));
         }
-        int vocab = _model.Config.VocabSize;
+        var config = _model.Config;
+        int vocab = config.VocabSize;
         for (int i = 0; i < prompts.Count; i++)
         {
             if (prompts[i].Count == 0) throw new ArgumentException($"prompt {i} is empty; give at least one token (e.g. BOS)");
+            CheckPromptFits(config, prompts[i].Count, prompts.Count == 1 ? null : i);
             foreach (int id in prompts[i])
                 if (id < 0 || id >= vocab) throw new ArgumentException($"prompt {i} has token id {id} outside the vocabulary [0, {vocab})");
         }
 
         var stop = new HashSet<int>(options.StopTokenIds);
-        if (options.StopAtEos) stop.UnionWith(_model.Config.EosTokenIds);
+        if (options.StopAtEos) stop.UnionWith(config.EosTokenIds);
         int batch = prompts.Count;
         int maxPrompt = prompts.Max(p => p.Count);
         var outputs = new List<int>[batch];
         var finish = new FinishReason[batch];
         var stopIds = new int?[batch];
-        for (int i = 0; i < batch; i++) { outputs[i] = []; finish[i] = FinishReason.Length; }
-        if (options.MaxNewTokens == 0) return Results();
+        // Each row's budget is clamped to its own room in the context, so a row's output does not depend on its batch.
+        var budget = new int[batch];
+        for (int i = 0; i < batch; i++)
+        {
+            outputs[i] = [];
+            finish[i] = FinishReason.Length;
+            budget[i] = NewTokenBudget(config, prompts[i].Count, options.MaxNewTokens);
+        }
+        int steps = budget.Max();
+        if (steps == 0) return Results();
+
+        // The cache is sized by the clamped budget; a split privileged prefill may grow it by up to the prompt length.
+        long capacity = (long)maxPrompt + steps;
+        CheckKvCache(config, batch, privileges is null ? capacity : capacity + maxPrompt, _model.DType, options.MaxKvCacheBytes);
 
         var device = _model.Device;
         using var outer = NewDisposeScope();
         using var noGrad = no_grad();
-        using var cache = _model.CreateCache(batch, maxPrompt + options.MaxNewTokens);
+        using var cache = _model.CreateCache(batch, capacity);
         using var rng = new TorchSharp.torch.Generator((ulong)(options.Seed ?? Random.Shared.NextInt64()), device);
 
         // Left-pad the prompts.
@@ -160,26 +191,31 @@ public sealed class TokenGenerator
         Tensor? attn = padded ? tensor(mask, [batch, maxPrompt], device: device) : null;
         bool[] done = new bool[batch];
         if (privileges is not null) routing!.SetPrivileges(privileges, maxPrompt);
-        for (int step = 0; step < options.MaxNewTokens; step++)
+        for (int step = 0; step < steps; step++)
         {
             cancellationToken.ThrowIfCancellationRequested();
-            long[] next;
+            long[] host;   // [B] sampled ids, then [B] finiteness flags: one device-to-host copy per step
             using (var stepScope = NewDisposeScope())
             {
                 if (step > 0 && privileges is not null) routing!.SetPrivileges(Privilege.Assistant, batch);
                 var logits = _model.Forward(input, cache, attn, lastOnly: true, routing: routing).squeeze(1).to(ScalarType.Float32);
+                var finite = logits.isfinite().all(1);
+                // A non-finite row is refused below, on the host; zeroed here so that the draw itself cannot fail first.
+                if (options.Temperature > 0) logits = logits.nan_to_num(0, 0, 0);
                 var chosen = Sample(logits, options, seen, rng);
                 if (seen is not null) seen.scatter_(1, chosen.unsqueeze(1), ones(batch, 1, dtype: ScalarType.Bool, device: device));
-                next = chosen.cpu().data<long>().ToArray();
+                host = cat([chosen, finite.to(ScalarType.Int64)]).cpu().data<long>().ToArray();
                 input.Dispose();
                 input = chosen.unsqueeze(1).MoveToOuterDisposeScope();
             }
             attn?.Dispose();
             attn = null;
             for (int i = 0; i < batch; i++)
+                if (!done[i] && host[batch + i] == 0) throw NonFinite(step, i, batch);
+            for (int i = 0; i < batch; i++)
             {
                 if (done[i]) continue;
-                int tok = (int)next[i];
+                int tok = (int)host[i];
                 if (stop.Contains(tok))
                 {
                     done[i] = true;
@@ -189,6 +225,7 @@ public sealed class TokenGenerator
                 }
                 outputs[i].Add(tok);
                 onToken?.Invoke(i, tok);
+                if (outputs[i].Count == budget[i]) done[i] = true;   // finish stays Length
             }
             if (done.All(d => d)) break;
         }
@@ -199,8 +236,85 @@ public sealed class TokenGenerator
     }
 
     /// <summary>
+    /// How many new tokens a prompt of <paramref name="promptTokens"/> tokens may get: <paramref name="maxNewTokens"/>,
+    /// clamped so that prompt and output together fit the model's context (<c>max_position_embeddings</c>).
+    /// </summary>
+    public static int NewTokenBudget(LlamaConfig config, int promptTokens, int maxNewTokens)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        return Math.Max(0, Math.Min(maxNewTokens, config.MaxPositionEmbeddings - promptTokens));
+    }
+
+    /// <summary>
+    /// Throws a <see cref="ContextLengthException"/> when a prompt leaves no room in the model's context for a new token
+    /// (it has <c>max_position_embeddings</c> tokens or more). <paramref name="row"/> names the prompt of a batch.
+    /// </summary>
+    public static void CheckPromptFits(LlamaConfig config, int promptTokens, int? row = null)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        int context = config.MaxPositionEmbeddings;
+        if (promptTokens < context) return;
+        string which = row is null ? "the prompt" : $"prompt {row}";
+        throw new ContextLengthException(promptTokens, context,
+            $"{which} has {promptTokens} tokens, but the model's context is {context} tokens (max_position_embeddings in its " +
+            $"config.json), which leaves no room to generate: shorten the prompt to at most {context - 1} tokens " +
+            "(drop earlier turns or text), or use a model with a longer context");
+    }
+
+    /// <summary>
+    /// The size of a KV cache in bytes: layers x 2 (keys and values) x batch x KV heads x head dim x capacity x the size
+    /// of <paramref name="dtype"/>; <see cref="long.MaxValue"/> when that does not fit in 64 bits.
+    /// </summary>
+    public static long KvCacheBytes(LlamaConfig config, long batchSize, long capacity, ScalarType dtype)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        long element = Checkpoints.SafetensorsDTypes.ElementSize(Checkpoints.SafetensorsDTypes.FromScalarType(dtype));
+        try
+        {
+            return checked((long)config.NumHiddenLayers * 2 * batchSize * config.NumKeyValueHeads * config.HeadDim * capacity * element);
+        }
+        catch (OverflowException)
+        {
+            return long.MaxValue;
+        }
+    }
+
+    /// <summary>Throws a <see cref="KvCacheLimitException"/> when a cache of <paramref name="capacity"/> positions for
+    /// <paramref name="batchSize"/> rows would exceed <paramref name="limitBytes"/>.</summary>
+    public static void CheckKvCache(LlamaConfig config, long batchSize, long capacity, ScalarType dtype, long limitBytes)
+    {
+        long bytes = KvCacheBytes(config, batchSize, capacity, dtype);
+        if (bytes <= limitBytes) return;
+        long element = Checkpoints.SafetensorsDTypes.ElementSize(Checkpoints.SafetensorsDTypes.FromScalarType(dtype));
+        throw new KvCacheLimitException(bytes, limitBytes,
+            $"the KV cache of this generation would need {FormatBytes(bytes)} ({config.NumHiddenLayers} layers x 2 x batch {batchSize} x " +
+            $"{config.NumKeyValueHeads} KV heads x head dim {config.HeadDim} x {capacity} positions x {element} bytes), over the limit of " +
+            $"{FormatBytes(limitBytes)}: lower max new tokens (the cache holds the prompt and the new tokens) or the batch size, or raise " +
+            "the limit (GenerationOptions.MaxKvCacheBytes; loramix --max-kv-cache-gib)");
+    }
+
+    /// <summary>A byte count for messages: "512 B", "3.5 MiB", "8.0 GiB".</summary>
+    internal static string FormatBytes(long bytes) => bytes switch
+    {
+        < 1L << 10 => $"{bytes} B",
+        < 1L << 20 => string.Create(System.Globalization.CultureInfo.InvariantCulture, $"{bytes / 1024.0:0.0} KiB"),
+        < 1L << 30 => string.Create(System.Globalization.CultureInfo.InvariantCulture, $"{bytes / (1024.0 * 1024):0.0} MiB"),
+        _ => string.Create(System.Globalization.CultureInfo.InvariantCulture, $"{bytes / (1024.0 * 1024 * 1024):0.0} GiB"),
+    };
+
+    private NonFiniteLogitsException NonFinite(int step, int row, int batch)
+    {
+        string where = step == 0 ? "on the prompt (prefill)" : $"at new token {step + 1}";
+        string which = batch == 1 ? "" : $" for prompt {row}";
+        return new NonFiniteLogitsException(step, row,
+            $"the model produced non-finite logits (NaN or infinity) {where}{which}, computing in {_model.DType}: check the model " +
+            "and adapter weights for NaN/inf values (a corrupted file or a diverged fine-tune), and the dtype (float16 overflows " +
+            "past 65504: run in bf16 or f32)");
+    }
+
+    /// <summary>
     /// Picks the next token of each row from fp32 logits [B, V]: repetition penalty, temperature, top-k, top-p,
-    /// then a draw from the softmax (or arg-max when the temperature is 0).
+    /// then a draw from the softmax (or arg-max when the temperature is 0, or so small that 1/T overflows fp32).
     /// </summary>
     public static Tensor Sample(Tensor logits, GenerationOptions o, Tensor? seen, TorchSharp.torch.Generator? rng)
     {
@@ -211,8 +325,10 @@ public sealed class TokenGenerator
             var penalised = where(scores < 0, scores * o.RepetitionPenalty, scores / o.RepetitionPenalty);
             scores = where(seen, penalised, scores);
         }
-        if (o.Temperature == 0) return scores.argmax(-1).MoveToOuterDisposeScope();
-        scores = scores / o.Temperature;
+        // Below 1/float.MaxValue the scaled scores overflow fp32: such a temperature is the greedy limit.
+        if (o.Temperature < 1 / (double)float.MaxValue) return scores.argmax(-1).MoveToOuterDisposeScope();
+        // Shifted so the largest score is 0: a tiny temperature then gives -inf (probability 0), never inf/inf = NaN.
+        scores = (scores - scores.max(-1, keepdim: true).values) / o.Temperature;
         if (o.TopK > 0 && o.TopK < scores.shape[^1])
         {
             var kth = scores.topk(o.TopK, -1).values.narrow(-1, o.TopK - 1, 1);
