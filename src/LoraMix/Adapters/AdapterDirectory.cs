@@ -24,16 +24,7 @@ public static class AdapterDirectory
     {
         string path = Path.Combine(directory, LoraAdapters.ConfigFileName);
         if (!Directory.Exists(directory)) throw new LoraMixException($"adapter directory '{directory}' does not exist");
-        if (!File.Exists(path)) throw new LoraMixException($"{path}: file not found (an adapter directory needs adapter_config.json)");
-        JsonObject obj;
-        try
-        {
-            obj = JsonNode.Parse(File.ReadAllText(path)) as JsonObject ?? throw new LoraMixException($"{path}: expected a JSON object");
-        }
-        catch (JsonException e)
-        {
-            throw new LoraMixException($"{path}: not valid JSON: {e.Message}");
-        }
+        var obj = AdapterFiles.ReadConfigObject(path, "LoRA or MixLoRA");
         string? type = obj["peft_type"] is JsonValue v && v.GetValueKind() == JsonValueKind.String ? v.GetValue<string>() : null;
         return type switch
         {
@@ -41,7 +32,7 @@ public static class AdapterDirectory
             MixLoraConfig.PeftType => AdapterKind.MixLora,
             null when obj.ContainsKey("routing_strategy") => AdapterKind.MixLora,
             null => AdapterKind.Lora,
-            _ => throw new LoraMixException($"{path}: 'peft_type' is '{type}'; LoraMix loads LORA and MIXLORA adapters"),
+            _ => throw new AdapterConfigException(path, "peft_type", $"is '{InputFiles.Shorten(type)}'; LoraMix loads LORA and MIXLORA adapters"),
         };
     }
 }

@@ -19,18 +19,31 @@ public enum AdapterFileFormats
 /// <summary>What every adapter format shares: freezing the base, writing fp32 weight files, strict loading by key.</summary>
 internal static class AdapterFiles
 {
-    /// <summary>Reads an <c>adapter_config.json</c> as a JSON object, with typed errors naming the file.</summary>
+    /// <summary>Reads an <c>adapter_config.json</c> as a JSON object, with typed errors naming the file: it must be a
+    /// regular file of at most <see cref="InputFiles.MaxConfigJsonBytes"/> bytes holding a JSON object without duplicate keys.</summary>
+    /// <exception cref="AdapterConfigException">The file is missing, not a regular file, too large, not JSON, or repeats a key.</exception>
     public static System.Text.Json.Nodes.JsonObject ReadConfigObject(string path, string adapterKind)
     {
-        if (!File.Exists(path)) throw new LoraMixException($"{path}: file not found (a {adapterKind} adapter directory needs adapter_config.json)");
+        InputFiles.RequireRegular(path, reason => new AdapterConfigException(path, "(file)", reason));
+        if (!File.Exists(path))
+            throw new AdapterConfigException(path, "(file)", $"file not found (a {adapterKind} adapter directory needs adapter_config.json)");
+        byte[] bytes = InputFiles.ReadAllBytes(path, InputFiles.MaxConfigJsonBytes, reason => new AdapterConfigException(path, "(file)", reason));
         try
         {
-            return System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(path)) as System.Text.Json.Nodes.JsonObject
-                ?? throw new LoraMixException($"{path}: expected a JSON object");
+            var options = new System.Text.Json.JsonReaderOptions { MaxDepth = InputFiles.MaxJsonDepth };
+            InputFiles.ValidateJson(bytes, options,
+                key => new AdapterConfigException(path, key, "appears twice; a key may be given once (which one counts is ambiguous)"));
+            return System.Text.Json.Nodes.JsonNode.Parse(bytes, documentOptions: new System.Text.Json.JsonDocumentOptions { MaxDepth = InputFiles.MaxJsonDepth })
+                    as System.Text.Json.Nodes.JsonObject
+                ?? throw new AdapterConfigException(path, "(root)", "expected a JSON object");
         }
         catch (System.Text.Json.JsonException e)
         {
-            throw new LoraMixException($"{path}: not valid JSON: {e.Message}");
+            throw new AdapterConfigException(path, "(json)", $"not valid JSON: {e.Message}");
+        }
+        catch (Exception e) when (e is InvalidOperationException or ArgumentException)
+        {
+            throw new AdapterConfigException(path, "(json)", $"not valid JSON text (invalid UTF-8 or a lone surrogate escape): {e.Message}");
         }
     }
 
@@ -63,24 +76,24 @@ internal static class AdapterFiles
 
 /// <summary>
 /// An adapter's weight file: <c>adapter_model.safetensors</c> (preferred) or a torch zip pickle <c>adapter_model.bin</c>,
-/// read through the restricted unpickler (only tensor-rebuild globals are accepted).
+/// read through the restricted unpickler (only tensor-rebuild globals are accepted). Opening reads only the header
+/// (safetensors) or data.pkl and the zip directory (bin): no tensor data is read or allocated until
+/// <see cref="ReadStrict"/> has compared every name and shape with what the adapter expects.
 /// </summary>
 internal sealed class AdapterWeights : IDisposable
 {
     private readonly SafetensorsCheckpoint? _safetensors;
-    private readonly IReadOnlyDictionary<string, Tensor>? _pickled;
 
-    private AdapterWeights(string path, SafetensorsCheckpoint? st, IReadOnlyDictionary<string, Tensor>? pickled)
+    private AdapterWeights(string path, SafetensorsCheckpoint? st, IReadOnlyList<TorchPickleEntry>? bin)
     {
         FilePath = path;
         _safetensors = st;
-        _pickled = pickled;
         Shapes = st is not null
-            ? st.TensorNames.ToDictionary(n => n, n => st.GetEntry(n).Shape)
-            : pickled!.ToDictionary(kv => kv.Key, kv => kv.Value.shape);
+            ? st.TensorNames.ToDictionary(n => n, n => st.GetEntry(n).Shape, StringComparer.Ordinal)
+            : bin!.ToDictionary(e => e.Name, e => e.Shape, StringComparer.Ordinal);
         DTypes = st is not null
-            ? st.TensorNames.ToDictionary(n => n, n => st.GetEntry(n).ScalarType)
-            : pickled!.ToDictionary(kv => kv.Key, kv => kv.Value.dtype);
+            ? st.TensorNames.ToDictionary(n => n, n => st.GetEntry(n).ScalarType, StringComparer.Ordinal)
+            : bin!.ToDictionary(e => e.Name, e => SafetensorsDTypes.ToScalarType(e.DType), StringComparer.Ordinal);
     }
 
     /// <summary>Throws a <see cref="CheckpointFormatException"/> naming the first (by name) tensor that is not floating
@@ -106,10 +119,11 @@ internal sealed class AdapterWeights : IDisposable
     /// <summary>Opens the adapter's weight file; every tensor in it must be floating point (F32, F16, BF16 or F64).</summary>
     public static AdapterWeights Open(string directory, string safetensorsName, string binName = "adapter_model.bin")
     {
+        // Path.Exists: a FIFO, device or directory under the file's name is refused by the readers, naming it.
         string st = Path.Combine(directory, safetensorsName);
         string bin = Path.Combine(directory, binName);
-        var weights = File.Exists(st) ? new AdapterWeights(st, SafetensorsCheckpoint.OpenFile(st), null)
-            : File.Exists(bin) ? new AdapterWeights(bin, null, TorchPickleReader.Read(bin))
+        var weights = Path.Exists(st) ? new AdapterWeights(st, SafetensorsCheckpoint.OpenFile(st), null)
+            : Path.Exists(bin) ? new AdapterWeights(bin, null, TorchPickleReader.ReadEntries(bin))
             : throw new LoraMixException($"{directory}: neither {safetensorsName} nor {binName} found");
         try
         {
@@ -123,40 +137,61 @@ internal sealed class AdapterWeights : IDisposable
         }
     }
 
-    public void ReadInto(string name, Tensor destination)
-    {
-        if (_safetensors is not null) _safetensors.ReadInto(name, destination);
-        else destination.copy_(_pickled![name]);
-    }
+    /// <summary>
+    /// Compares the file's names and shapes with the expected layout, reading no tensor data. The file's key set must
+    /// equal the expected one (after <paramref name="canonicalName"/> maps file keys, e.g. legacy names, to expected ones)
+    /// with equal shapes; otherwise a <see cref="StateDictMismatchException"/> lists every missing, unexpected and
+    /// mis-shaped key.
+    /// </summary>
+    public void CheckLayout(IEnumerable<(string Name, long[] Shape)> expectedLayout, Func<string, string>? canonicalName = null) =>
+        _ = Match(Shapes, expectedLayout.ToDictionary(e => e.Name, e => e.Shape, StringComparer.Ordinal), canonicalName);
 
     /// <summary>
-    /// Fills every expected tensor from the file. The file's key set must equal the expected one (after
-    /// <paramref name="canonicalName"/> maps file keys, e.g. legacy names, to expected ones) with equal shapes; otherwise a
-    /// <see cref="StateDictMismatchException"/> lists every missing, unexpected and mis-shaped key.
+    /// Fills every expected tensor from the file after <see cref="CheckLayout"/>'s comparison. A bin file is read again
+    /// with the same comparison made before any storage is inflated (the file may have changed since it was opened).
     /// </summary>
     public void ReadStrict(IReadOnlyList<KeyValuePair<string, Tensor>> expectedTensors, Func<string, string>? canonicalName = null)
     {
-        var expected = expectedTensors.ToDictionary(kv => kv.Key, kv => kv.Value);
+        var expected = expectedTensors.ToDictionary(kv => kv.Key, kv => kv.Value, StringComparer.Ordinal);
+        var expectedShapes = expected.ToDictionary(kv => kv.Key, kv => kv.Value.shape, StringComparer.Ordinal);
+        var fileKeyOf = Match(Shapes, expectedShapes, canonicalName);
+        using var noGrad = no_grad();
+        if (_safetensors is not null)
+        {
+            foreach (var (name, t) in expected) _safetensors.ReadInto(fileKeyOf[name], t);
+            return;
+        }
+        var tensors = TorchPickleReader.Read(FilePath, entries =>
+            _ = Match(entries.ToDictionary(e => e.Name, e => e.Shape, StringComparer.Ordinal), expectedShapes, canonicalName));
+        try
+        {
+            foreach (var (name, t) in expected) t.copy_(tensors[fileKeyOf[name]]);
+        }
+        finally
+        {
+            foreach (var t in tensors.Values) t.Dispose();
+        }
+    }
+
+    /// <summary>Maps each expected name to its file key, or throws listing every mismatch.</summary>
+    private Dictionary<string, string> Match(IReadOnlyDictionary<string, long[]> fileShapes, Dictionary<string, long[]> expected,
+        Func<string, string>? canonicalName)
+    {
         var fileKeyOf = new Dictionary<string, string>(StringComparer.Ordinal);
         var duplicates = new List<string>();
-        foreach (var fileKey in Shapes.Keys)
+        foreach (var fileKey in fileShapes.Keys)
         {
             string name = canonicalName?.Invoke(fileKey) ?? fileKey;
             if (!fileKeyOf.TryAdd(name, fileKey)) duplicates.Add($"{fileKey} (same tensor as {fileKeyOf[name]})");
         }
         var missing = expected.Keys.Where(k => !fileKeyOf.ContainsKey(k)).ToList();
         var unexpected = fileKeyOf.Where(kv => !expected.ContainsKey(kv.Key)).Select(kv => kv.Value).Concat(duplicates).Order().ToList();
-        var misshaped = expected.Where(kv => fileKeyOf.TryGetValue(kv.Key, out var f) && !Shapes[f].SequenceEqual(kv.Value.shape))
-            .Select(kv => $"{fileKeyOf[kv.Key]}: file [{string.Join(", ", Shapes[fileKeyOf[kv.Key]])}] vs model [{string.Join(", ", kv.Value.shape)}]").ToList();
+        var misshaped = expected.Where(kv => fileKeyOf.TryGetValue(kv.Key, out var f) && !fileShapes[f].SequenceEqual(kv.Value))
+            .Select(kv => $"{fileKeyOf[kv.Key]}: file [{string.Join(", ", fileShapes[fileKeyOf[kv.Key]])}] vs model [{string.Join(", ", kv.Value)}]").ToList();
         if (missing.Count + unexpected.Count + misshaped.Count > 0)
             throw new StateDictMismatchException(FilePath, missing, unexpected, misshaped);
-        using var noGrad = no_grad();
-        foreach (var (name, t) in expected) ReadInto(fileKeyOf[name], t);
+        return fileKeyOf;
     }
 
-    public void Dispose()
-    {
-        _safetensors?.Dispose();
-        if (_pickled is not null) foreach (var t in _pickled.Values) t.Dispose();
-    }
+    public void Dispose() => _safetensors?.Dispose();
 }

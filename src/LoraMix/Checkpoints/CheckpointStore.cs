@@ -49,10 +49,11 @@ public sealed partial class SafetensorsCheckpoint : IDisposable
         ArgumentException.ThrowIfNullOrEmpty(directory);
         if (!Directory.Exists(directory))
             throw new CheckpointFormatException(directory, null, "the checkpoint directory does not exist");
+        // Path.Exists, not File.Exists: a directory (or FIFO, device) under a checkpoint name is refused by name.
         string single = Path.Combine(directory, Safetensors.SingleFileName);
-        if (File.Exists(single)) return OpenFile(single);
+        if (Path.Exists(single)) return OpenFile(single);
         string index = Path.Combine(directory, Safetensors.IndexFileName);
-        if (File.Exists(index)) return OpenIndex(directory, index);
+        if (Path.Exists(index)) return OpenIndex(directory, index);
         throw new CheckpointFormatException(directory, null,
             $"no {Safetensors.SingleFileName} or {Safetensors.IndexFileName} in the directory; expected Hugging Face safetensors weights");
     }
@@ -79,7 +80,7 @@ public sealed partial class SafetensorsCheckpoint : IDisposable
                 if (!shardTensors.TryGetValue(shard, out var list))
                 {
                     string shardPath = Path.Combine(directory, shard);
-                    if (!File.Exists(shardPath))
+                    if (!Path.Exists(shardPath))
                         throw new CheckpointFormatException(index, tensor,
                             $"weight_map puts it in shard '{shard}', which does not exist in {directory}");
                     shardTensors[shard] = list = [];
@@ -131,17 +132,23 @@ public sealed partial class SafetensorsCheckpoint : IDisposable
 
     private static Dictionary<string, string> ReadWeightMap(string index)
     {
-        var info = new FileInfo(index);
-        if (info.Length > Safetensors.MaxHeaderBytes)
-            throw new CheckpointFormatException(index, null, $"the index is {info.Length} bytes, more than the {Safetensors.MaxHeaderBytes}-byte limit");
+        byte[] bytes = InputFiles.ReadAllBytes(index, Safetensors.MaxHeaderBytes, reason => new CheckpointFormatException(index, null, reason));
         JsonDocument doc;
         try
         {
-            doc = JsonDocument.Parse(File.ReadAllBytes(index), new JsonDocumentOptions { MaxDepth = 64 });
+            InputFiles.ValidateJson(bytes, new JsonReaderOptions { MaxDepth = 64 },
+                key => key.StartsWith("weight_map.", StringComparison.Ordinal)
+                    ? new CheckpointFormatException(index, key["weight_map.".Length..], "the tensor appears twice in weight_map")
+                    : new CheckpointFormatException(index, null, $"the key '{InputFiles.Shorten(key)}' appears twice in the index"));
+            doc = JsonDocument.Parse(bytes, new JsonDocumentOptions { MaxDepth = 64 });
         }
         catch (JsonException e)
         {
             throw new CheckpointFormatException(index, null, $"the index is not valid JSON: {e.Message}", e);
+        }
+        catch (InvalidOperationException e)
+        {
+            throw new CheckpointFormatException(index, null, $"the index has a string that is not valid Unicode: {e.Message}", e);
         }
         try
         {

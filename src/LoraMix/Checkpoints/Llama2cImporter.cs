@@ -21,6 +21,7 @@ public static class Llama2cImporter
     /// <summary>Reads and validates the header against the file size.</summary>
     public static Llama2cHeader ReadHeader(string path)
     {
+        InputFiles.RequireRegular(path, reason => new CheckpointFormatException(path, null, reason));
         if (!File.Exists(path)) throw new CheckpointFormatException(path, null, "file not found");
         long fileLength = new FileInfo(path).Length;
         if (fileLength < 28) throw new CheckpointFormatException(path, null, $"too short for a llama2.c header ({fileLength} bytes < 28)");

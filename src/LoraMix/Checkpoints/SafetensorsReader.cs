@@ -57,12 +57,14 @@ public sealed class SafetensorsReader : IDisposable
     public IReadOnlyList<SafetensorsEntry> Entries { get; }
 
     /// <summary>Opens a file and validates its whole header.</summary>
-    /// <exception cref="SafetensorsFormatException">The file is not a well-formed safetensors file.</exception>
+    /// <exception cref="SafetensorsFormatException">The file is not a well-formed safetensors file, or not a regular file
+    /// (a FIFO, socket, device or directory is refused before it is opened).</exception>
     /// <exception cref="IOException">The file cannot be opened or read (e.g. <see cref="FileNotFoundException"/>).</exception>
     public static SafetensorsReader Open(string path)
     {
         ArgumentException.ThrowIfNullOrEmpty(path);
         Safetensors.EnsureLittleEndian();
+        InputFiles.RequireRegular(path, reason => new SafetensorsFormatException(path, null, reason));
         var handle = File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.Read);
         try
         {

@@ -40,7 +40,10 @@ public sealed record TorchPickleEntry(
 /// tensor's native memory; no managed buffer proportional to a storage is allocated. Loaded tensors are contiguous,
 /// independent CPU tensors of the stored dtype; views that share a storage (<c>{"a": t, "b": t[1:]}</c>) are copied
 /// apart. A file whose views would expand to more than <see cref="MaxExpansion"/> × its stored bytes
-/// (+ 64 MiB) is refused, so a small file cannot make LoraMix allocate unbounded memory.</para>
+/// (+ 64 MiB) is refused, so a small file cannot make LoraMix allocate unbounded memory. Only the prefix of a storage that
+/// its views reach is inflated and allocated (a storage declared larger than its tensors costs nothing beyond them), and
+/// <see cref="Read(string, Action{IReadOnlyList{TorchPickleEntry}}?)"/> lets a caller refuse the file from its names and
+/// shapes before any storage is inflated. Only regular files are opened (a FIFO or device is refused by name).</para>
 /// </remarks>
 public static class TorchPickleReader
 {
@@ -54,16 +57,34 @@ public static class TorchPickleReader
     /// <summary>Reads every tensor, in the order of the pickled dict.</summary>
     /// <exception cref="CheckpointFormatException">The file is not a well-formed torch zip checkpoint of tensors, or is refused.</exception>
     /// <exception cref="IOException">The file cannot be opened (e.g. <see cref="FileNotFoundException"/>).</exception>
-    public static IReadOnlyDictionary<string, Tensor> Read(string path)
+    public static IReadOnlyDictionary<string, Tensor> Read(string path) => Read(path, check: null);
+
+    /// <summary>
+    /// Reads every tensor, after <paramref name="check"/> has accepted the validated plan — names, dtypes, shapes and
+    /// storages, read from data.pkl and the zip directory — and before any storage is inflated or allocated: a caller that
+    /// knows which tensors it expects (an adapter loader) refuses a file that would not fit before it costs any memory.
+    /// </summary>
+    /// <param name="path">The file; it must be a regular file.</param>
+    /// <param name="check">Throws to refuse the file (its exception propagates unchanged), or null.</param>
+    /// <exception cref="CheckpointFormatException">The file is not a well-formed torch zip checkpoint of tensors, not a
+    /// regular file, or is refused.</exception>
+    /// <exception cref="IOException">The file cannot be opened (e.g. <see cref="FileNotFoundException"/>).</exception>
+    public static IReadOnlyDictionary<string, Tensor> Read(string path, Action<IReadOnlyList<TorchPickleEntry>>? check)
     {
         ArgumentException.ThrowIfNullOrEmpty(path);
+        InputFiles.RequireRegular(path, reason => new CheckpointFormatException(path, null, reason));
         using var stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 16);
-        return Read(stream, path);
+        return Read(stream, path, check);
     }
 
     /// <summary>Reads every tensor from a seekable stream; <paramref name="displayName"/> names it in errors.</summary>
     /// <exception cref="CheckpointFormatException">Malformed or refused content.</exception>
-    public static IReadOnlyDictionary<string, Tensor> Read(Stream stream, string displayName)
+    public static IReadOnlyDictionary<string, Tensor> Read(Stream stream, string displayName) => Read(stream, displayName, check: null);
+
+    /// <summary>Reads every tensor from a seekable stream once <paramref name="check"/> has accepted the plan (see
+    /// <see cref="Read(string, Action{IReadOnlyList{TorchPickleEntry}}?)"/>).</summary>
+    /// <exception cref="CheckpointFormatException">Malformed or refused content.</exception>
+    public static IReadOnlyDictionary<string, Tensor> Read(Stream stream, string displayName, Action<IReadOnlyList<TorchPickleEntry>>? check)
     {
         ArgumentNullException.ThrowIfNull(stream);
         ArgumentNullException.ThrowIfNull(displayName);
@@ -71,6 +92,7 @@ public static class TorchPickleReader
         {
             using var archive = OpenArchive(stream, displayName);
             var plan = Plan(archive, stream.Length, displayName);
+            check?.Invoke(plan.Tensors.Select(t => t.Entry).ToList().AsReadOnly());
             return Materialize(plan, displayName);
         });
     }
@@ -82,6 +104,7 @@ public static class TorchPickleReader
     public static IReadOnlyList<TorchPickleEntry> ReadEntries(string path)
     {
         ArgumentException.ThrowIfNullOrEmpty(path);
+        InputFiles.RequireRegular(path, reason => new CheckpointFormatException(path, null, reason));
         using var stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 16);
         return ReadEntries(stream, path);
     }
@@ -103,7 +126,10 @@ public static class TorchPickleReader
 
     private sealed record PlannedTensor(TorchPickleEntry Entry, TorchPickleUnpickler.TensorRef Ref);
 
-    private sealed record Plan_(string ArchiveName, List<PlannedTensor> Tensors, Dictionary<string, ZipArchiveEntry> Storages);
+    // Reach: per storage, the elements its views reach (the largest element index + 1): only that prefix is inflated and
+    // allocated, so a storage declared far larger than its tensors costs nothing beyond them.
+    private sealed record Plan_(string ArchiveName, List<PlannedTensor> Tensors, Dictionary<string, ZipArchiveEntry> Storages,
+        Dictionary<string, long> Reach);
 
     private static Plan_ Plan(ZipArchive archive, long fileLength, string file)
     {
@@ -124,6 +150,7 @@ public static class TorchPickleReader
         var tensors = new List<PlannedTensor>(dict.Items.Count);
         var seen = new HashSet<string>(StringComparer.Ordinal);
         var storages = new Dictionary<string, (TorchPickleUnpickler.StorageRef Ref, ZipArchiveEntry Entry)>(StringComparer.Ordinal);
+        var reach = new Dictionary<string, long>(StringComparer.Ordinal);
         long storedBytes = 0, materializedBytes = 0;
         foreach (var (keyObj, value) in dict.Items)
         {
@@ -165,7 +192,8 @@ public static class TorchPickleReader
                 storedBytes += nbytes;
             }
 
-            long numel = CheckView(t, file, name);
+            var (numel, viewReach) = CheckView(t, file, name);
+            reach[s.Key] = Math.Max(reach.GetValueOrDefault(s.Key), viewReach);
             materializedBytes = checked(materializedBytes + numel * elementSize);
             tensors.Add(new PlannedTensor(
                 new TorchPickleEntry(name, s.DType, t.Size, t.Stride, t.StorageOffset, s.Key, s.Numel, s.Location, t.IsParameter), t));
@@ -175,11 +203,12 @@ public static class TorchPickleReader
             throw new CheckpointFormatException(file, null,
                 $"the tensors' views would expand {storedBytes} stored bytes to {materializedBytes} bytes in memory " +
                 $"(more than {MaxExpansion}× + 64 MiB); refusing to allocate that much for this file");
-        return new Plan_(prefix, tensors, storages.ToDictionary(kv => kv.Key, kv => kv.Value.Entry, StringComparer.Ordinal));
+        return new Plan_(prefix, tensors, storages.ToDictionary(kv => kv.Key, kv => kv.Value.Entry, StringComparer.Ordinal), reach);
     }
 
-    /// <summary>Checks a view lies within its storage and returns its element count.</summary>
-    private static long CheckView(TorchPickleUnpickler.TensorRef t, string file, string name)
+    /// <summary>Checks a view lies within its storage and returns its element count and the storage elements it reaches
+    /// (largest index + 1; 0 for an empty view).</summary>
+    private static (long Numel, long Reach) CheckView(TorchPickleUnpickler.TensorRef t, string file, string name)
     {
         long numel = 1;
         long maxIndex = t.StorageOffset;
@@ -187,7 +216,7 @@ public static class TorchPickleReader
         {
             for (int i = 0; i < t.Size.Length; i++)
                 numel = checked(numel * t.Size[i]);
-            if (numel == 0) return 0;
+            if (numel == 0) return (0, 0);
             for (int i = 0; i < t.Size.Length; i++)
                 maxIndex = checked(maxIndex + checked((t.Size[i] - 1) * t.Stride[i]));
         }
@@ -205,7 +234,7 @@ public static class TorchPickleReader
             throw new CheckpointFormatException(file, name,
                 $"the view (size {Safetensors.FormatShape(t.Size)}, stride {Safetensors.FormatShape(t.Stride)}) has more " +
                 $"elements than its storage '{t.Storage.Key}' ({t.Storage.Numel}); expanded (stride-0) views are not supported");
-        return numel;
+        return (numel, maxIndex + 1);
     }
 
     private static void CheckEntrySize(ZipArchiveEntry entry, long fileLength, string file, string? tensor)
@@ -287,7 +316,7 @@ public static class TorchPickleReader
                 var e = t.Entry;
                 if (!loaded.TryGetValue(e.StorageKey, out var storage))
                 {
-                    storage = LoadStorage(plan.Storages[e.StorageKey], e, file);
+                    storage = LoadStorage(plan.Storages[e.StorageKey], e, plan.Reach[e.StorageKey], file);
                     loaded.Add(e.StorageKey, storage);
                 }
                 int remaining = --uses[e.StorageKey];
@@ -334,11 +363,13 @@ public static class TorchPickleReader
         return true;
     }
 
-    private static unsafe Tensor LoadStorage(ZipArchiveEntry entry, TorchPickleEntry first, string file)
+    /// <summary>Inflates the first <paramref name="reachElements"/> elements of a storage (all its views need) into a new
+    /// CPU tensor; the rest of the record is never read.</summary>
+    private static unsafe Tensor LoadStorage(ZipArchiveEntry entry, TorchPickleEntry first, long reachElements, string file)
     {
         var dtype = SafetensorsDTypes.ToScalarType(first.DType);
-        long total = entry.Length;
-        var storage = empty([first.StorageNumel], dtype, CPU);
+        long total = reachElements * SafetensorsDTypes.ElementSize(first.DType);   // <= entry.Length (checked in Plan)
+        var storage = empty([reachElements], dtype, CPU);
         try
         {
             if (total == 0) return storage;
@@ -351,7 +382,7 @@ public static class TorchPickleReader
                 int read = input.ReadAtLeast(new Span<byte>(basePtr + done, chunk), chunk, throwOnEndOfStream: false);
                 if (read < chunk)
                     throw new CheckpointFormatException(file, first.Name,
-                        $"record '{entry.FullName}' ended after {done + read} of its {total} bytes (truncated or corrupt file)");
+                        $"record '{entry.FullName}' ended after {done + read} of its {entry.Length} bytes (truncated or corrupt file)");
                 done += read;
             }
             GC.KeepAlive(storage);

@@ -26,6 +26,28 @@ public sealed record LlamaConfig
     /// <summary>The rope_scaling types LoraMix implements (besides none / "default").</summary>
     public static readonly IReadOnlyList<string> SupportedRopeScalings = ["linear", "llama3"];
 
+    // Upper bounds on the sizes of a config (see Validate). Each is several times the largest released Llama-family
+    // model's (in brackets), so no real config is refused, while a config that would make LoraMix allocate or loop
+    // beyond reason (hidden_size 10^9, num_hidden_layers 10^6) is refused before anything is built.
+
+    /// <summary>Largest <c>vocab_size</c>: 4,194,304 = 2^22 (largest released: 262,144).</summary>
+    public const int MaxVocabSize = 1 << 22;
+    /// <summary>Largest <c>hidden_size</c>: 65,536 (largest released: 16,384, Llama-3.1-405B).</summary>
+    public const int MaxHiddenSize = 1 << 16;
+    /// <summary>Largest <c>intermediate_size</c>: 262,144 (largest released: 53,248, Llama-3.1-405B).</summary>
+    public const int MaxIntermediateSize = 1 << 18;
+    /// <summary>Largest <c>num_hidden_layers</c>: 1,024 (largest released: 126, Llama-3.1-405B).</summary>
+    public const int MaxHiddenLayers = 1024;
+    /// <summary>Largest <c>num_attention_heads</c> (and so <c>num_key_value_heads</c>): 1,024 (largest released: 128).</summary>
+    public const int MaxAttentionHeads = 1024;
+    /// <summary>Largest <c>head_dim</c>: 1,024 (released: 64 to 256).</summary>
+    public const int MaxHeadDim = 1024;
+    /// <summary>Largest <c>num_attention_heads × head_dim</c> (the q projection's width): 262,144.</summary>
+    public const int MaxAttentionWidth = 1 << 18;
+    /// <summary>Largest <c>max_position_embeddings</c>, <c>sliding_window</c> and
+    /// <c>rope_scaling.original_max_position_embeddings</c>: 16,777,216 = 2^24 (largest released: 10,485,760).</summary>
+    public const int MaxPositions = 1 << 24;
+
     public string ModelType { get; init; } = "llama";
     public int VocabSize { get; init; }
     public int HiddenSize { get; init; }
@@ -91,20 +113,33 @@ public sealed record LlamaConfig
         "bos_token_id", "eos_token_id", "pad_token_id", "layer_types",
     };
 
-    /// <summary>Reads a Hugging Face <c>config.json</c>.</summary>
-    /// <exception cref="ModelConfigException">A key is missing, mistyped, inconsistent or unsupported.</exception>
+    /// <summary>Reads a Hugging Face <c>config.json</c>: a regular file of at most
+    /// <see cref="InputFiles.MaxConfigJsonBytes"/> bytes, a JSON object without duplicate keys.</summary>
+    /// <exception cref="ModelConfigException">A key is missing, mistyped, repeated, inconsistent, out of bounds or unsupported.</exception>
     public static LlamaConfig Load(string path)
     {
+        InputFiles.RequireRegular(path, reason => new ModelConfigException(path, "(file)", reason));
         if (!File.Exists(path))
             throw new ModelConfigException(path, "config.json", "file not found; a model directory needs a Hugging Face config.json");
         JsonNode? root;
         try
         {
-            root = JsonNode.Parse(File.ReadAllText(path));
+            byte[] bytes = InputFiles.ReadAllBytes(path, InputFiles.MaxConfigJsonBytes, reason => new ModelConfigException(path, "(file)", reason));
+            InputFiles.ValidateJson(bytes, new JsonReaderOptions { MaxDepth = InputFiles.MaxJsonDepth },
+                key => new ModelConfigException(path, key, "appears twice; a key may be given once (which one counts is ambiguous)"));
+            root = JsonNode.Parse(bytes, documentOptions: new JsonDocumentOptions { MaxDepth = InputFiles.MaxJsonDepth });
         }
         catch (JsonException e)
         {
             throw new ModelConfigException(path, "(json)", $"not valid JSON: {e.Message}");
+        }
+        catch (InvalidOperationException e)
+        {
+            throw new ModelConfigException(path, "(json)", $"not valid JSON text (invalid UTF-8 or a lone surrogate escape): {e.Message}");
+        }
+        catch (ArgumentException e)
+        {
+            throw new ModelConfigException(path, "(json)", $"not valid JSON text (invalid UTF-8 or a lone surrogate escape): {e.Message}");
         }
         if (root is not JsonObject obj)
             throw new ModelConfigException(path, "(root)", "expected a JSON object");
@@ -137,12 +172,14 @@ public sealed record LlamaConfig
 
         int hidden = r.RequiredInt("hidden_size");
         int heads = r.RequiredInt("num_attention_heads");
+        CheckRange(source, "hidden_size", hidden, 1, MaxHiddenSize);
+        CheckRange(source, "num_attention_heads", heads, 1, MaxAttentionHeads);
         int kvHeads = r.Int("num_key_value_heads") ?? heads;
         int headDim = r.Int("head_dim") ?? (hidden % heads == 0 ? hidden / heads
             : throw new ModelConfigException(source, "head_dim", $"missing, and hidden_size {hidden} is not divisible by num_attention_heads {heads}"));
         if (kvHeads <= 0 || heads % kvHeads != 0)
             throw new ModelConfigException(source, "num_key_value_heads",
-                $"{kvHeads} must be positive and divide num_attention_heads {heads}");
+                $"expected a positive divisor of num_attention_heads {heads}, got {kvHeads}");
 
         RopeScaling? scaling = ParseRopeScaling(obj["rope_scaling"], source);
 
@@ -161,7 +198,7 @@ public sealed record LlamaConfig
         if (obj["layer_types"] is JsonArray layerTypes)
         {
             foreach (var t in layerTypes)
-                if (t?.GetValue<string>() != "full_attention")
+                if (!(t is JsonValue tv && tv.TryGetValue(out string? layerType) && layerType == "full_attention"))
                     throw new ModelConfigException(source, "layer_types",
                         $"'{t}' is not supported; supported: full_attention (use_sliding_window false)");
         }
@@ -198,31 +235,138 @@ public sealed record LlamaConfig
         return cfg;
     }
 
-    /// <summary>Checks sizes and ranges; throws <see cref="ModelConfigException"/> naming the key.</summary>
+    /// <summary>
+    /// Checks sizes and ranges, including the upper bounds (<see cref="MaxVocabSize"/>, <see cref="MaxHiddenSize"/>,
+    /// <see cref="MaxIntermediateSize"/>, <see cref="MaxHiddenLayers"/>, <see cref="MaxAttentionHeads"/>,
+    /// <see cref="MaxHeadDim"/>, <see cref="MaxAttentionWidth"/>, <see cref="MaxPositions"/>) that keep every size product
+    /// within 64-bit arithmetic; throws <see cref="ModelConfigException"/> naming the key, the accepted range and the value.
+    /// </summary>
     public void Validate(string source = "config")
     {
-        void Positive(string key, double v)
+        void PositiveFinite(string key, double v)
         {
-            if (!(v > 0)) throw new ModelConfigException(source, key, $"must be positive, got {v.ToString(CultureInfo.InvariantCulture)}");
+            if (!(v > 0) || !double.IsFinite(v))
+                throw new ModelConfigException(source, key, $"expected a positive finite number, got {v.ToString(CultureInfo.InvariantCulture)}");
         }
-        Positive("vocab_size", VocabSize);
-        Positive("hidden_size", HiddenSize);
-        Positive("intermediate_size", IntermediateSize);
-        Positive("num_hidden_layers", NumHiddenLayers);
-        Positive("num_attention_heads", NumAttentionHeads);
-        Positive("num_key_value_heads", NumKeyValueHeads);
-        Positive("head_dim", HeadDim);
-        Positive("rms_norm_eps", RmsNormEps);
-        Positive("rope_theta", RopeTheta);
-        Positive("max_position_embeddings", MaxPositionEmbeddings);
+        CheckRange(source, "vocab_size", VocabSize, 1, MaxVocabSize);
+        CheckRange(source, "hidden_size", HiddenSize, 1, MaxHiddenSize);
+        CheckRange(source, "intermediate_size", IntermediateSize, 1, MaxIntermediateSize);
+        CheckRange(source, "num_hidden_layers", NumHiddenLayers, 1, MaxHiddenLayers);
+        CheckRange(source, "num_attention_heads", NumAttentionHeads, 1, MaxAttentionHeads);
+        CheckRange(source, "num_key_value_heads", NumKeyValueHeads, 1, NumAttentionHeads);
+        CheckRange(source, "head_dim", HeadDim, 2, MaxHeadDim);
+        CheckRange(source, "max_position_embeddings", MaxPositionEmbeddings, 1, MaxPositions);
+        if (SlidingWindow is int w) CheckRange(source, "sliding_window", w, 1, MaxPositions);
+        PositiveFinite("rms_norm_eps", RmsNormEps);
+        PositiveFinite("rope_theta", RopeTheta);
+        if (!(InitializerRange >= 0) || !double.IsFinite(InitializerRange))
+            throw new ModelConfigException(source, "initializer_range", $"expected a finite number >= 0, got {InitializerRange.ToString(CultureInfo.InvariantCulture)}");
         if (HeadDim % 2 != 0) throw new ModelConfigException(source, "head_dim", $"must be even for rotary embeddings, got {HeadDim}");
+        if ((long)NumAttentionHeads * HeadDim > MaxAttentionWidth)
+            throw new ModelConfigException(source, "num_attention_heads",
+                $"expected num_attention_heads × head_dim <= {MaxAttentionWidth}, got {NumAttentionHeads} × {HeadDim} = {(long)NumAttentionHeads * HeadDim}");
         if (NumAttentionHeads % NumKeyValueHeads != 0)
             throw new ModelConfigException(source, "num_key_value_heads", $"{NumKeyValueHeads} must divide num_attention_heads {NumAttentionHeads}");
         if (!SupportedModelTypes.Contains(ModelType))
             throw new ModelConfigException(source, "model_type", $"'{ModelType}' is not supported; supported: {string.Join(", ", SupportedModelTypes)}");
+        if (RopeScaling is { } rs)
+        {
+            PositiveFinite("rope_scaling.factor", rs.Factor);
+            if (rs.Type == "llama3")
+            {
+                PositiveFinite("rope_scaling.low_freq_factor", rs.LowFreqFactor);
+                PositiveFinite("rope_scaling.high_freq_factor", rs.HighFreqFactor);
+                CheckRange(source, "rope_scaling.original_max_position_embeddings", rs.OriginalMaxPositionEmbeddings, 1, MaxPositions);
+            }
+        }
         foreach (int id in EosTokenIds.Concat(BosTokenId is int b ? [b] : []).Concat(PadTokenId is int p ? [p] : []))
             if (id < 0 || id >= VocabSize)
                 throw new ModelConfigException(source, "bos/eos/pad_token_id", $"token id {id} is outside the vocabulary [0, {VocabSize})");
+    }
+
+    private static void CheckRange(string source, string key, long value, long min, long max)
+    {
+        if (value < min || value > max)
+            throw new ModelConfigException(source, key, value < min
+                ? $"expected an integer in [{min}, {max}], got {value}"
+                : $"expected an integer in [{min}, {max}], got {value}; LoraMix bounds this size (several times the largest released model's) so that a bad config.json cannot make it allocate without limit");
+    }
+
+    /// <summary>
+    /// Checks this config against the tensor shapes of a checkpoint header — before any model is built — so a config.json
+    /// that does not describe the weights (a vocab_size, hidden_size, intermediate_size, layer count or head count the
+    /// tensors do not have) is refused naming the key, the value the checkpoint implies and the value given.
+    /// </summary>
+    /// <param name="shapes">Tensor name → shape, from the checkpoint's header(s).</param>
+    /// <param name="configSource">The config.json path (named in errors).</param>
+    /// <param name="checkpointSource">The checkpoint file or index (named in errors).</param>
+    /// <exception cref="ModelConfigException">A size disagrees with the checkpoint.</exception>
+    public void CheckCheckpointShapes(IReadOnlyDictionary<string, long[]> shapes, string configSource, string checkpointSource)
+    {
+        ArgumentNullException.ThrowIfNull(shapes);
+        string Fmt(long[] shape) => $"[{string.Join(", ", shape)}]";
+        void Expect(string key, long fromCheckpoint, long given, string evidence)
+        {
+            if (fromCheckpoint != given)
+                throw new ModelConfigException(configSource, key,
+                    $"expected {fromCheckpoint} ({evidence} in {checkpointSource}), got {given}; this config.json does not describe " +
+                    "these weights: use the config.json saved with them");
+        }
+        bool Matrix(string name, out long rows, out long cols)
+        {
+            rows = cols = 0;
+            if (!shapes.TryGetValue(name, out var shape) || shape.Length != 2) return false;
+            rows = shape[0];
+            cols = shape[1];
+            return true;
+        }
+
+        if (shapes.TryGetValue("model.embed_tokens.weight", out var emb))
+        {
+            if (emb.Length != 2)
+                throw new ModelConfigException(configSource, "vocab_size",
+                    $"expected model.embed_tokens.weight in {checkpointSource} to be [vocab_size, hidden_size], got {Fmt(emb)}");
+            Expect("vocab_size", emb[0], VocabSize, $"model.embed_tokens.weight is {Fmt(emb)}");
+            Expect("hidden_size", emb[1], HiddenSize, $"model.embed_tokens.weight is {Fmt(emb)}");
+        }
+
+        int layers = 0;
+        foreach (var name in shapes.Keys)
+        {
+            if (!name.StartsWith("model.layers.", StringComparison.Ordinal)) continue;
+            int dot = name.IndexOf('.', "model.layers.".Length);
+            if (dot < 0) continue;
+            var digits = name.AsSpan("model.layers.".Length, dot - "model.layers.".Length);
+            if (digits.Length is 0 or > 9 || (digits.Length > 1 && digits[0] == '0')) continue;
+            if (!int.TryParse(digits, NumberStyles.None, CultureInfo.InvariantCulture, out int index)) continue;
+            layers = Math.Max(layers, index + 1);
+        }
+        Expect("num_hidden_layers", layers, NumHiddenLayers,
+            layers == 0 ? "the checkpoint has no model.layers.N tensors" : $"the highest layer tensor is model.layers.{layers - 1}.*");
+
+        const string l0 = "model.layers.0.";
+        if (Matrix(l0 + "mlp.gate_proj.weight", out long inter, out long h1))
+        {
+            Expect("intermediate_size", inter, IntermediateSize, $"{l0}mlp.gate_proj.weight is [{inter}, {h1}]");
+            Expect("hidden_size", h1, HiddenSize, $"{l0}mlp.gate_proj.weight is [{inter}, {h1}]");
+        }
+        if (Matrix(l0 + "self_attn.q_proj.weight", out long qRows, out long h2))
+        {
+            Expect("hidden_size", h2, HiddenSize, $"{l0}self_attn.q_proj.weight is [{qRows}, {h2}]");
+            if (qRows != (long)NumAttentionHeads * HeadDim)
+                throw new ModelConfigException(configSource, "num_attention_heads",
+                    $"expected num_attention_heads × head_dim = {qRows} ({l0}self_attn.q_proj.weight is [{qRows}, {h2}] in {checkpointSource}), " +
+                    $"got {NumAttentionHeads} × {HeadDim} = {(long)NumAttentionHeads * HeadDim}; use the config.json saved with these weights");
+        }
+        if (Matrix(l0 + "self_attn.k_proj.weight", out long kRows, out long h3))
+        {
+            if (kRows != (long)NumKeyValueHeads * HeadDim)
+                throw new ModelConfigException(configSource, "num_key_value_heads",
+                    $"expected num_key_value_heads × head_dim = {kRows} ({l0}self_attn.k_proj.weight is [{kRows}, {h3}] in {checkpointSource}), " +
+                    $"got {NumKeyValueHeads} × {HeadDim} = {(long)NumKeyValueHeads * HeadDim}; use the config.json saved with these weights");
+        }
+        if (!TieWordEmbeddings && Matrix("lm_head.weight", out long vRows, out _))
+            Expect("vocab_size", vRows, VocabSize, $"lm_head.weight has {vRows} rows");
     }
 
     private static RopeScaling? ParseRopeScaling(JsonNode? node, string source)

@@ -171,17 +171,30 @@ public sealed partial class LlamaForCausalLM : nn.Module
     public IReadOnlyList<(string Name, long[] Shape)> StateDictLayout() =>
         state_dict().Select(kv => (kv.Key, kv.Value.shape)).ToList();
 
-    /// <summary>Loads a Hugging Face model directory (config.json + model.safetensors or a sharded index).</summary>
+    /// <summary>
+    /// Loads a Hugging Face model directory (config.json + model.safetensors or a sharded index). Nothing is allocated
+    /// before the config has passed its bounds (<see cref="LlamaConfig.Validate"/>) and the checkpoint header(s) have
+    /// been read and compared with it: sizes first (<see cref="LlamaConfig.CheckCheckpointShapes"/>), then every tensor
+    /// name and shape the model will have.
+    /// </summary>
+    /// <exception cref="ModelConfigException">config.json is invalid, out of bounds, or disagrees with the checkpoint's shapes.</exception>
+    /// <exception cref="StateDictMismatchException">The checkpoint lacks tensors the model needs, has others, or mis-shaped ones.</exception>
+    /// <exception cref="CheckpointFormatException">The checkpoint is missing or malformed.</exception>
     public static LlamaForCausalLM FromPretrained(string directory, Device? device = null, ScalarType? dtype = null)
     {
         if (!Directory.Exists(directory))
             throw new LoraMixException($"model directory '{directory}' does not exist");
-        var config = LlamaConfig.Load(Path.Combine(directory, "config.json"));
+        string configPath = Path.Combine(directory, "config.json");
+        var config = LlamaConfig.Load(configPath);
         ScalarType dt = dtype ?? ScalarType.Float32;
+        using var ckpt = SafetensorsCheckpoint.OpenDirectory(directory);
+        var shapes = new Dictionary<string, long[]>(StringComparer.Ordinal);
+        foreach (var name in ckpt.TensorNames) shapes[name] = ckpt.GetEntry(name).Shape;
+        config.CheckCheckpointShapes(shapes, configPath, ckpt.Source);
+        CheckLayout(config, shapes, directory);
         var model = new LlamaForCausalLM(config, device, dt);
         try
         {
-            using var ckpt = SafetensorsCheckpoint.OpenDirectory(directory);
             model.LoadWeights(ckpt, directory);
         }
         catch
@@ -190,6 +203,27 @@ public sealed partial class LlamaForCausalLM : nn.Module
             throw;
         }
         return model;
+    }
+
+    /// <summary>Compares a checkpoint's tensor names and shapes with the layout <paramref name="config"/> implies
+    /// (<see cref="ModelPresets.Layout"/>), without building the model.</summary>
+    /// <exception cref="StateDictMismatchException">Missing, unexpected or mis-shaped tensors (all listed).</exception>
+    internal static void CheckLayout(LlamaConfig config, IReadOnlyDictionary<string, long[]> shapes, string source)
+    {
+        var layout = ModelPresets.Layout(config);
+        var expected = new HashSet<string>(layout.Select(e => e.Name), StringComparer.Ordinal);
+        var missing = new List<string>();
+        var misshaped = new List<string>();
+        foreach (var (name, shape) in layout)
+        {
+            if (!shapes.TryGetValue(name, out var actual)) missing.Add(name);
+            else if (!actual.AsSpan().SequenceEqual(shape))
+                misshaped.Add($"{name}: checkpoint [{string.Join(", ", actual)}] vs model [{string.Join(", ", shape)}]");
+        }
+        var unexpected = shapes.Keys.Where(n => !expected.Contains(n) && !(config.TieWordEmbeddings && n == "lm_head.weight"))
+            .Order(StringComparer.Ordinal).ToList();
+        if (missing.Count + unexpected.Count + misshaped.Count > 0)
+            throw new StateDictMismatchException(source, missing, unexpected, misshaped);
     }
 
     /// <summary>

@@ -29,7 +29,7 @@ internal sealed class SentencePieceModelFile
     public static SentencePieceModelFile Read(string path)
     {
         byte[] data;
-        try { data = File.ReadAllBytes(path); }
+        try { data = InputFiles.ReadAllBytes(path, InputFiles.MaxTokenizerFileBytes, reason => new TokenizerFileException(path, null, reason)); }
         catch (IOException e) { throw new TokenizerFileException(path, null, $"cannot read the SentencePiece model: {e.Message}", e); }
         var m = new SentencePieceModelFile();
         try
@@ -40,7 +40,12 @@ internal sealed class SentencePieceModelFile
                 (int field, int wire) = r.Tag();
                 switch (field)
                 {
-                    case 1 when wire == 2: m.Pieces.Add(ReadPiece(r.Sub())); break;
+                    case 1 when wire == 2:
+                        if (m.Pieces.Count >= TextTokenizer.MaxVocabSize)
+                            throw new TokenizerFileException(path, "pieces",
+                                $"the model has more than {TextTokenizer.MaxVocabSize} pieces, the limit on a tokenizer's vocabulary");
+                        m.Pieces.Add(ReadPiece(r.Sub()));
+                        break;
                     case 2 when wire == 2: m.ReadTrainer(r.Sub()); break;
                     case 3 when wire == 2: m.ReadNormalizer(r.Sub()); break;
                     default: r.Skip(wire); break;

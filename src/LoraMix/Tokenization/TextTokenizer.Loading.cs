@@ -9,6 +9,14 @@ public sealed partial class TextTokenizer
         "supported: BPE tokenizer.json files that are byte-level (Llama-3, Qwen2/3: Split regex + ByteLevel) or " +
         "SentencePiece-style (Llama-2, Mistral: ▁ metaspace, byte_fallback), and SentencePiece BPE tokenizer.model files";
 
+    /// <summary>
+    /// Largest number of token ids a tokenizer may define (4,194,304 = 2^22; the largest released vocabularies have about
+    /// 262,000). Every id — in <c>model.vocab</c>, <c>added_tokens</c> or <c>added_tokens_decoder</c> — must also be below
+    /// the number of tokens the files define (vocabulary entries plus added tokens), since the tokenizer's tables are sized
+    /// by the largest id: a single added token with id 10^9 would otherwise cost gigabytes.
+    /// </summary>
+    public const int MaxVocabSize = 1 << 22;
+
     /// <summary>Everything the constructor needs, filled by the loaders.</summary>
     private sealed class Definition
     {
@@ -48,30 +56,59 @@ public sealed partial class TextTokenizer
 
         var d = new Definition { Directory = dir };
         bool? postProcessorBos = null, postProcessorEos = null;
-        if (File.Exists(json)) LoadTokenizerJson(json, d, out postProcessorBos, out postProcessorEos);
-        else if (File.Exists(model)) LoadSentencePieceModel(model, d);
+        bool? configBos = null, configEos = null;
+        // Path.Exists, not File.Exists: a directory, FIFO or device under a tokenizer file's name is refused, naming it.
+        bool hasJson = Path.Exists(json);
+        if (hasJson) Guard(json, () => LoadTokenizerJson(json, d, out postProcessorBos, out postProcessorEos));
+        else if (Path.Exists(model)) Guard(model, () => LoadSentencePieceModel(model, d));
         else
             throw new TokenizerFileException(dir, null,
                 "no tokenizer.json or tokenizer.model in the directory (" + Supported + ")");
 
-        bool? configBos = null, configEos = null;
-        if (File.Exists(config)) LoadConfig(config, d, out configBos, out configEos);
+        if (Path.Exists(config)) Guard(config, () => LoadConfig(config, d, out configBos, out configEos));
 
         // add_bos_token: tokenizer_config.json, else the tokenizer.json post-processor, else SentencePiece's
         // LlamaTokenizer default (true) for a bare tokenizer.model.
-        d.AddBos = configBos ?? postProcessorBos ?? (d.Kind == TokenizerKind.SentencePiece && !File.Exists(json));
+        d.AddBos = configBos ?? postProcessorBos ?? (d.Kind == TokenizerKind.SentencePiece && !hasJson);
         d.AddEos = configEos ?? postProcessorEos ?? false;
         return new TextTokenizer(d);
     }
 
     // ------------------------------------------------------------------ tokenizer.json
 
-    private static JsonDocument ParseJson(string path)
+    /// <summary>Runs a loader, turning what a mistyped JSON value makes System.Text.Json throw (a number read as a string,
+    /// a lone surrogate escape) into a <see cref="TokenizerFileException"/> naming the file.</summary>
+    private delegate void Loader();
+
+    private static void Guard(string path, Loader load)
     {
         try
         {
-            using var stream = File.OpenRead(path);
-            return JsonDocument.Parse(stream, new JsonDocumentOptions { AllowTrailingCommas = true, CommentHandling = JsonCommentHandling.Skip });
+            load();
+        }
+        catch (InvalidOperationException e)
+        {
+            throw new TokenizerFileException(path, null, $"a JSON value has an unexpected type or is not valid Unicode: {e.Message}", e);
+        }
+        catch (FormatException e)
+        {
+            throw new TokenizerFileException(path, null, $"a JSON value is malformed: {e.Message}", e);
+        }
+    }
+
+    /// <summary>Reads a JSON file: a regular file of bounded size, without duplicate keys at any depth.</summary>
+    private static JsonDocument ParseJson(string path, long maxBytes)
+    {
+        try
+        {
+            byte[] bytes = InputFiles.ReadAllBytes(path, maxBytes, reason => new TokenizerFileException(path, null, reason));
+            var reader = new JsonReaderOptions { AllowTrailingCommas = true, CommentHandling = JsonCommentHandling.Skip, MaxDepth = InputFiles.MaxJsonDepth };
+            InputFiles.ValidateJson(bytes, reader,
+                key => new TokenizerFileException(path, key, "appears twice; a key may be given once (which one counts is ambiguous)"));
+            return JsonDocument.Parse(bytes, new JsonDocumentOptions
+            {
+                AllowTrailingCommas = true, CommentHandling = JsonCommentHandling.Skip, MaxDepth = InputFiles.MaxJsonDepth,
+            });
         }
         catch (JsonException e)
         {
@@ -86,7 +123,7 @@ public sealed partial class TextTokenizer
 
     private static void LoadTokenizerJson(string path, Definition d, out bool? addBos, out bool? addEos)
     {
-        using JsonDocument doc = ParseJson(path);
+        using JsonDocument doc = ParseJson(path, InputFiles.MaxTokenizerFileBytes);
         JsonElement root = doc.RootElement;
         if (root.ValueKind != JsonValueKind.Object)
             throw new TokenizerFileException(path, null, $"expected a JSON object at the top level, found {root.ValueKind}");
@@ -132,10 +169,11 @@ public sealed partial class TextTokenizer
                 left = s[..sp];
                 right = s[(sp + 1)..];
             }
-            else if (m.ValueKind == JsonValueKind.Array && m.GetArrayLength() == 2)
+            else if (m.ValueKind == JsonValueKind.Array && m.GetArrayLength() == 2
+                     && m[0].ValueKind == JsonValueKind.String && m[1].ValueKind == JsonValueKind.String)
             {
-                left = m[0].GetString() ?? "";
-                right = m[1].GetString() ?? "";
+                left = m[0].GetString()!;
+                right = m[1].GetString()!;
             }
             else
                 throw new TokenizerFileException(path, "model.merges", $"merge #{rank} is neither a \"left right\" string nor a pair");
@@ -155,8 +193,27 @@ public sealed partial class TextTokenizer
 
         // Added tokens
         if (root.TryGetProperty("added_tokens", out JsonElement added) && added.ValueKind == JsonValueKind.Array)
+        {
+            int i = 0;
             foreach (JsonElement a in added.EnumerateArray())
-                d.Added.Add(ReadAddedToken(path, "added_tokens", a, null));
+                d.Added.Add(ReadAddedToken(path, $"added_tokens[{i++}]", a, null));
+        }
+        else if (root.TryGetProperty("added_tokens", out added) && added.ValueKind != JsonValueKind.Null)
+            throw new TokenizerFileException(path, "added_tokens", $"expected an array of added tokens, found {added.ValueKind}");
+
+        // Every id must be below the number of tokens the file defines (and the cap) before any table is sized by ids.
+        long defined = (long)d.Vocab.Count + d.Added.Count;
+        if (defined > MaxVocabSize)
+            throw new TokenizerFileException(path, "model.vocab",
+                $"the file defines {defined} tokens (model.vocab and added_tokens), more than the {MaxVocabSize}-token limit");
+        foreach (var (piece, id) in d.Vocab)
+            if (id >= defined)
+                throw new TokenizerFileException(path, "model.vocab",
+                    $"the id of '{InputFiles.Shorten(piece)}' is {id}, but the file defines {defined} tokens (model.vocab entries plus added_tokens), so ids must be < {defined}");
+        for (int i = 0; i < d.Added.Count; i++)
+            if (d.Added[i].Id >= defined)
+                throw new TokenizerFileException(path, $"added_tokens[{i}].id",
+                    $"expected an id < {defined} (the number of tokens the file defines: model.vocab entries plus added_tokens), got {d.Added[i].Id}");
 
         // Normalizer / pre-tokenizer decide the kind.
         var normalizers = Flatten(root, "normalizer", "normalizers");
@@ -291,9 +348,12 @@ public sealed partial class TextTokenizer
         string content = Str(a, "content") ?? throw new TokenizerFileException(path, key, "an added token has no 'content' string");
         if (id is null)
         {
-            if (!a.TryGetProperty("id", out JsonElement idEl) || !idEl.TryGetInt32(out int parsed) || parsed < 0)
-                throw new TokenizerFileException(path, key, $"added token '{content}' has no non-negative integer 'id'");
-            id = parsed;
+            if (!a.TryGetProperty("id", out JsonElement idEl) || idEl.ValueKind != JsonValueKind.Number
+                || !idEl.TryGetInt64(out long parsed) || parsed < 0 || parsed >= MaxVocabSize)
+                throw new TokenizerFileException(path, key + ".id",
+                    $"added token '{InputFiles.Shorten(content)}': expected an integer id in [0, {MaxVocabSize}), got " +
+                    (a.TryGetProperty("id", out JsonElement got) ? InputFiles.Shorten(got.GetRawText()) : "none"));
+            id = (int)parsed;
         }
         return new AddedToken(content, id.Value, Bool(a, "special") ?? false, Bool(a, "lstrip") ?? false,
             Bool(a, "rstrip") ?? false, Bool(a, "single_word") ?? false);
@@ -369,7 +429,7 @@ public sealed partial class TextTokenizer
 
     private static void LoadConfig(string path, Definition d, out bool? addBos, out bool? addEos)
     {
-        using JsonDocument doc = ParseJson(path);
+        using JsonDocument doc = ParseJson(path, InputFiles.MaxConfigJsonBytes);
         JsonElement root = doc.RootElement;
         if (root.ValueKind != JsonValueKind.Object)
             throw new TokenizerFileException(path, null, $"expected a JSON object at the top level, found {root.ValueKind}");
@@ -378,10 +438,15 @@ public sealed partial class TextTokenizer
 
         if (root.TryGetProperty("added_tokens_decoder", out JsonElement dec) && dec.ValueKind == JsonValueKind.Object)
         {
+            // Ids must be below the number of tokens the files define (tokenizer file plus these entries) and the cap.
+            long defined = (long)d.Vocab.Count + d.Added.Count + dec.EnumerateObject().Count();
             foreach (JsonProperty p in dec.EnumerateObject())
             {
                 if (!int.TryParse(p.Name, NumberStyles.None, CultureInfo.InvariantCulture, out int id))
-                    throw new TokenizerFileException(path, $"added_tokens_decoder.{p.Name}", "keys must be non-negative integer ids");
+                    throw new TokenizerFileException(path, $"added_tokens_decoder.{InputFiles.Shorten(p.Name)}", "keys must be non-negative integer ids");
+                if (id >= defined || id >= MaxVocabSize)
+                    throw new TokenizerFileException(path, $"added_tokens_decoder.{p.Name}",
+                        $"expected an id < {Math.Min(defined, MaxVocabSize)} (the number of tokens the tokenizer files define, at most {MaxVocabSize}), got {id}");
                 AddedToken t = ReadAddedToken(path, $"added_tokens_decoder.{p.Name}", p.Value, id);
                 int existing = d.Added.FindIndex(a => a.Id == id);
                 if (existing >= 0)

@@ -188,7 +188,7 @@ public sealed class LoraTests : IDisposable
         var json = JsonNode.Parse(config.ToPeftJson())!.AsObject();
         json["use_dora"] = true;
         File.WriteAllText(Path.Combine(_dir, "adapter_config.json"), json.ToJsonString());
-        var dora = Assert.Throws<LoraMixException>(() => LoraAdapters.Load(model, _dir, "c"));
+        var dora = Assert.Throws<AdapterConfigException>(() => LoraAdapters.Load(model, _dir, "c"));
         Assert.Contains("use_dora", dora.Message);
     }
 

@@ -71,7 +71,7 @@ public sealed class ConfigAndLoadingTests : IDisposable
     [InlineData("hidden_act", "\"gelu\"", "supported: silu")]
     [InlineData("rope_scaling", "{\"rope_type\": \"yarn\", \"factor\": 4.0}", "supported: default, linear, llama3")]
     [InlineData("quantization_config", "{\"bits\": 4}", "unknown key")]
-    [InlineData("num_key_value_heads", "5", "must be positive and divide")]
+    [InlineData("num_key_value_heads", "5", "expected a positive divisor of num_attention_heads")]
     [InlineData("hidden_size", "\"big\"", "expected an integer")]
     [InlineData("mlp_bias", "true", "supported: false")]
     public void UnsupportedOrInvalidConfigsAreRejectedWithTheKey(string key, string value, string expected)

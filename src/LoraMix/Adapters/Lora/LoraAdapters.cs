@@ -37,10 +37,42 @@ public static class LoraAdapters
         LinearSlots(model).Select(s => (s.Path, Layer: s.Get() as AdaptedLinear)).Where(s => s.Layer is not null)
             .Select(s => (s.Path, s.Layer!)).ToList();
 
+    /// <summary>The linear layers <paramref name="config"/> targets on <paramref name="model"/>, with their sizes
+    /// (nothing is allocated).</summary>
+    /// <exception cref="LoraMixException">It targets no linear layer, or a slot that is not a linear layer.</exception>
+    public static IReadOnlyList<(string Path, long In, long Out)> TargetedLayers(LlamaForCausalLM model, LoraConfig config)
+    {
+        var list = new List<(string, long, long)>();
+        foreach (var (path, get, _) in LinearSlots(model))
+        {
+            if (!config.Targets(path)) continue;
+            list.Add(get() switch
+            {
+                AdaptedLinear a => (path, a.InFeatures, a.OutFeatures),
+                LinearLayer l => (path, l.InFeatures, l.OutFeatures),
+                var other => throw new LoraMixException($"cannot attach LoRA to '{path}': the slot holds a {other.GetType().Name}, not a linear layer"),
+            });
+        }
+        if (list.Count == 0)
+            throw new LoraMixException($"target_modules matched no linear layer; available: {string.Join(", ", LoraConfig.LlamaLinearNames)} (or \"all-linear\")");
+        return list;
+    }
+
+    /// <summary>The PEFT state-dict layout (keys and shapes) an adapter of <paramref name="config"/> has on
+    /// <paramref name="model"/>, computed without attaching it: what <see cref="PeftStateDict"/> returns once attached.</summary>
+    public static IReadOnlyList<(string Name, long[] Shape)> ExpectedLayout(LlamaForCausalLM model, LoraConfig config) =>
+        TargetedLayers(model, config).SelectMany(l => new (string, long[])[]
+        {
+            ($"{PeftPrefix}{l.Path}.lora_A.weight", [config.R, l.In]),
+            ($"{PeftPrefix}{l.Path}.lora_B.weight", [l.Out, config.R]),
+        }).ToList();
+
     /// <summary>Adds a new LoRA adapter on every targeted linear layer and makes it the active adapter.</summary>
+    /// <exception cref="AdapterConfigException">The config is invalid, or r exceeds min(in, out) of a targeted layer.</exception>
     public static void Attach(LlamaForCausalLM model, LoraConfig config, string adapterName = "default", long seed = 0)
     {
         config.Validate();
+        config.ValidateFor(TargetedLayers(model, config));
         using var gen = new TorchSharp.torch.Generator((ulong)seed, CPU);
         int count = 0;
         foreach (var (path, get, set) in LinearSlots(model))
@@ -122,8 +154,11 @@ public static class LoraAdapters
     /// </summary>
     public static LoraConfig Load(LlamaForCausalLM model, string directory, string adapterName = "default")
     {
-        var config = LoraConfig.Load(Path.Combine(directory, ConfigFileName));
+        string configPath = Path.Combine(directory, ConfigFileName);
+        var config = LoraConfig.Load(configPath);
+        config.ValidateFor(TargetedLayers(model, config), configPath);
         using var weights = AdapterWeights.Open(directory, WeightsFileName);
+        weights.CheckLayout(ExpectedLayout(model, config));   // before anything is allocated
         Attach(model, config, adapterName);
         try
         {

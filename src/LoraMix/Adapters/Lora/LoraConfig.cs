@@ -29,22 +29,79 @@ public sealed record LoraConfig
     /// <summary>The linear layers of a Llama decoder layer, by Hugging Face name.</summary>
     public static readonly IReadOnlyList<string> LlamaLinearNames = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
+    /// <summary>Largest <c>r</c> accepted when a config is read (65,536 = 2^16); when the adapter is attached, r must
+    /// also be at most min(in, out) of every targeted layer (a larger rank adds parameters without adding rank).</summary>
+    public const int MaxRank = 1 << 16;
+
+    /// <summary>Largest <c>lora_alpha</c> accepted (1,048,576 = 2^20: alpha = 16 × r at the largest rank).</summary>
+    public const double MaxLoraAlpha = 1 << 20;
+
+    /// <summary>Longest <c>target_modules</c> regex (4,096 characters); it is matched with a 1-second timeout.</summary>
+    public const int MaxTargetRegexLength = 4096;
+
+    private static readonly TimeSpan RegexTimeout = TimeSpan.FromSeconds(1);
+
     /// <summary>Whether the module at <paramref name="modulePath"/> (e.g. <c>model.layers.3.mlp.up_proj</c>) is targeted.</summary>
+    /// <exception cref="AdapterConfigException">The target regex is invalid or takes too long to match.</exception>
     public bool Targets(string modulePath)
     {
         if (AllLinear) return modulePath != "lm_head";
-        if (TargetRegex is not null) return Regex.IsMatch(modulePath, $"^(?:{TargetRegex})$");
+        if (TargetRegex is not null)
+        {
+            try
+            {
+                return Regex.IsMatch(modulePath, $"^(?:{TargetRegex})$", RegexOptions.CultureInvariant, RegexTimeout);
+            }
+            catch (RegexMatchTimeoutException)
+            {
+                throw new AdapterConfigException("adapter config", "target_modules",
+                    $"the regex took more than {RegexTimeout.TotalSeconds:0} s to match '{modulePath}' (catastrophic backtracking?); simplify it or list the module names");
+            }
+            catch (ArgumentException e)
+            {
+                throw new AdapterConfigException("adapter config", "target_modules", $"is not a valid regex: {e.Message}");
+            }
+        }
         return TargetModules!.Any(t => modulePath == t || modulePath.EndsWith("." + t, StringComparison.Ordinal));
     }
 
-    /// <summary>Checks ranges; throws <see cref="LoraMixException"/> naming the key.</summary>
+    /// <summary>Checks ranges and bounds (<see cref="MaxRank"/>, <see cref="MaxLoraAlpha"/>, <see cref="MaxTargetRegexLength"/>);
+    /// throws <see cref="AdapterConfigException"/> naming the key, what is accepted and what was found.</summary>
     public void Validate(string source = "adapter config")
     {
-        if (R <= 0) throw new LoraMixException($"{source}: 'r' must be a positive integer, got {R}");
-        if (!(LoraAlpha > 0)) throw new LoraMixException($"{source}: 'lora_alpha' must be positive, got {LoraAlpha}");
-        if (LoraDropout is < 0 or >= 1) throw new LoraMixException($"{source}: 'lora_dropout' must be in [0, 1), got {LoraDropout}");
+        void Fail(string key, string reason) => throw new AdapterConfigException(source, key, reason);
+        string F(double v) => v.ToString(System.Globalization.CultureInfo.InvariantCulture);
+        if (R < 1 || R > MaxRank) Fail("r", $"expected an integer in [1, {MaxRank}], got {R}");
+        if (!(LoraAlpha > 0 && LoraAlpha <= MaxLoraAlpha)) Fail("lora_alpha", $"expected a number in (0, {F(MaxLoraAlpha)}], got {F(LoraAlpha)}");
+        if (!(LoraDropout >= 0 && LoraDropout < 1)) Fail("lora_dropout", $"expected a number in [0, 1), got {F(LoraDropout)}");
         if (!AllLinear && TargetRegex is null && (TargetModules is null || TargetModules.Count == 0))
-            throw new LoraMixException($"{source}: 'target_modules' is empty; give module names (e.g. [\"q_proj\", \"v_proj\"]), a regex, or \"all-linear\"");
+            Fail("target_modules", "is empty; give module names (e.g. [\"q_proj\", \"v_proj\"]), a regex, or \"all-linear\"");
+        if (TargetModules is not null && TargetModules.Any(string.IsNullOrEmpty))
+            Fail("target_modules", "has an empty module name");
+        if (TargetRegex is not null)
+        {
+            if (TargetRegex.Length > MaxTargetRegexLength)
+                Fail("target_modules", $"the regex is {TargetRegex.Length} characters, more than the {MaxTargetRegexLength}-character limit");
+            try { _ = new Regex($"^(?:{TargetRegex})$", RegexOptions.CultureInvariant, RegexTimeout); }
+            catch (ArgumentException e) { Fail("target_modules", $"is not a valid regex: {e.Message}"); }
+        }
+    }
+
+    /// <summary>
+    /// Checks the rank against the layers it targets on a model (<see cref="LoraAdapters.TargetedLayers"/>): r must not
+    /// exceed min(in, out) of any targeted linear layer. Nothing is allocated.
+    /// </summary>
+    /// <exception cref="AdapterConfigException">r is larger than a targeted layer allows.</exception>
+    public void ValidateFor(IEnumerable<(string Path, long In, long Out)> targetedLayers, string source = "adapter config", string key = "r")
+    {
+        foreach (var (path, inF, outF) in targetedLayers)
+        {
+            long max = Math.Min(inF, outF);
+            if (R > max)
+                throw new AdapterConfigException(source, key,
+                    $"expected r <= {max} = min(in, out) of the targeted layer '{path}' ({inF} → {outF}), got {R}; a rank above " +
+                    "that adds parameters without adding rank: lower r or target other modules");
+        }
     }
 
     /// <summary>Writes <c>adapter_config.json</c> as PEFT does: sorted keys, two-space indent, PEFT's full field set.</summary>
@@ -95,23 +152,25 @@ public sealed record LoraConfig
         return Parse(obj, path);
     }
 
+    /// <summary>Parses a PEFT adapter config object; <paramref name="source"/> names it in errors.</summary>
+    /// <exception cref="AdapterConfigException">A key is mistyped, out of range or names an unsupported option.</exception>
     public static LoraConfig Parse(JsonObject obj, string source)
     {
-        string peftType = obj["peft_type"]?.GetValue<string>() ?? "LORA";
+        string peftType = Str(obj, "peft_type", source) ?? "LORA";
         if (peftType != "LORA")
-            throw new LoraMixException($"{source}: 'peft_type' is '{peftType}', expected 'LORA' for a LoRA adapter");
+            throw new AdapterConfigException(source, "peft_type", $"is '{InputFiles.Shorten(peftType)}', expected 'LORA' for a LoRA adapter");
 
         void RejectUnless(string key, Func<JsonNode?, bool> isDefault, string what)
         {
             if (obj.TryGetPropertyValue(key, out var n) && !isDefault(n))
-                throw new LoraMixException($"{source}: '{key}' = {n?.ToJsonString() ?? "null"} is not supported ({what})");
+                throw new AdapterConfigException(source, key, $"{InputFiles.Shorten(n?.ToJsonString() ?? "null")} is not supported ({what})");
         }
         static bool IsFalse(JsonNode? n) => n is null || (n is JsonValue v && v.TryGetValue(out bool b) && !b);
         static bool IsEmpty(JsonNode? n) => n is null || (n is JsonObject o && o.Count == 0) || (n is JsonArray a && a.Count == 0);
         RejectUnless("use_dora", IsFalse, "DoRA is not implemented; supported: false");
         RejectUnless("fan_in_fan_out", IsFalse, "Llama weights are [out, in]; supported: false");
         RejectUnless("lora_bias", IsFalse, "supported: false");
-        RejectUnless("bias", n => n is null || n.GetValue<string>() == "none", "supported: \"none\"");
+        RejectUnless("bias", n => n is null || (n is JsonValue v && v.TryGetValue(out string? b) && b == "none"), "supported: \"none\"");
         RejectUnless("modules_to_save", IsEmpty, "supported: null");
         RejectUnless("rank_pattern", IsEmpty, "per-module ranks are not supported; supported: {}");
         RejectUnless("alpha_pattern", IsEmpty, "per-module alphas are not supported; supported: {}");
@@ -124,30 +183,51 @@ public sealed record LoraConfig
             if (!obj.TryGetPropertyValue(key, out var n) || n is null) return dflt;
             return n is JsonValue && n.GetValueKind() == JsonValueKind.Number
                 ? double.Parse(n.ToJsonString(), System.Globalization.CultureInfo.InvariantCulture)
-                : throw new LoraMixException($"{source}: '{key}' must be a number, got {n.ToJsonString()}");
+                : throw new AdapterConfigException(source, key, $"expected a number, got {InputFiles.Shorten(n.ToJsonString())}");
+        }
+        bool Flag(string key, bool dflt)
+        {
+            if (!obj.TryGetPropertyValue(key, out var n) || n is null) return dflt;
+            return n is JsonValue v && v.TryGetValue(out bool b) ? b
+                : throw new AdapterConfigException(source, key, $"expected true or false, got {InputFiles.Shorten(n.ToJsonString())}");
         }
 
         double r = Num("r", 8);
-        if (r != Math.Floor(r)) throw new LoraMixException($"{source}: 'r' must be an integer, got {r}");
+        if (r != Math.Floor(r) || r < 1 || r > MaxRank)
+            throw new AdapterConfigException(source, "r", $"expected an integer in [1, {MaxRank}], got {n2s(r)}");
         var cfg = new LoraConfig
         {
             R = (int)r,
             LoraAlpha = Num("lora_alpha", 8),
             LoraDropout = Num("lora_dropout", 0),
-            UseRsLora = obj["use_rslora"] is JsonValue rs && rs.GetValue<bool>(),
-            BaseModelNameOrPath = obj["base_model_name_or_path"] is JsonValue bm ? bm.GetValue<string>() : null,
-            TaskType = obj["task_type"] is JsonValue tt ? tt.GetValue<string>() : "CAUSAL_LM",
-            InferenceMode = obj["inference_mode"] is not JsonValue im || im.GetValue<bool>(),
+            UseRsLora = Flag("use_rslora", false),
+            BaseModelNameOrPath = Str(obj, "base_model_name_or_path", source),
+            TaskType = Str(obj, "task_type", source) ?? "CAUSAL_LM",
+            InferenceMode = Flag("inference_mode", true),
         };
         cfg = obj["target_modules"] switch
         {
-            JsonValue v when v.GetValue<string>() == "all-linear" => cfg with { AllLinear = true, TargetModules = null },
-            JsonValue v => cfg with { TargetRegex = v.GetValue<string>(), TargetModules = null },
-            JsonArray a => cfg with { TargetModules = a.Select(e => e!.GetValue<string>()).ToList() },
-            null => throw new LoraMixException($"{source}: 'target_modules' is missing"),
-            var other => throw new LoraMixException($"{source}: 'target_modules' must be a list, a regex string or \"all-linear\", got {other.ToJsonString()}"),
+            JsonValue v when v.TryGetValue(out string? all) && all == "all-linear" => cfg with { AllLinear = true, TargetModules = null },
+            JsonValue v when v.TryGetValue(out string? regex) => cfg with { TargetRegex = regex, TargetModules = null },
+            JsonArray a => cfg with
+            {
+                TargetModules = a.Select(e => e is JsonValue ev && ev.TryGetValue(out string? name) ? name
+                    : throw new AdapterConfigException(source, "target_modules", $"entries must be strings, got {InputFiles.Shorten(e?.ToJsonString() ?? "null")}")).ToList(),
+            },
+            null => throw new AdapterConfigException(source, "target_modules", "is missing; give module names (e.g. [\"q_proj\", \"v_proj\"]), a regex, or \"all-linear\""),
+            var other => throw new AdapterConfigException(source, "target_modules",
+                $"must be a list, a regex string or \"all-linear\", got {InputFiles.Shorten(other.ToJsonString())}"),
         };
         cfg.Validate(source);
         return cfg;
+
+        static string n2s(double v) => v.ToString(System.Globalization.CultureInfo.InvariantCulture);
+    }
+
+    private static string? Str(JsonObject o, string key, string source)
+    {
+        if (!o.TryGetPropertyValue(key, out var n) || n is null) return null;
+        return n is JsonValue v && v.TryGetValue(out string? s) ? s
+            : throw new AdapterConfigException(source, key, $"expected a string, got {InputFiles.Shorten(n.ToJsonString())}");
     }
 }

@@ -40,9 +40,11 @@ public static class MixLoraAdapters
     /// on the targeted attention projections, all under <paramref name="adapterName"/>; then makes it the active adapter.
     /// Returns the config with <c>act_fn</c> resolved to the base model's activation when it was unset.
     /// </summary>
+    /// <exception cref="AdapterConfigException">The config is invalid, or a rank exceeds min(in, out) of a targeted projection.</exception>
     public static MixLoraConfig Attach(LlamaForCausalLM model, MixLoraConfig config, string adapterName = "default", long seed = 0)
     {
         config.Validate();
+        ValidateFor(model, config);
         if (AdapterNames(model).Contains(adapterName) || LoraAdapters.AdapterNames(model).Contains(adapterName))
             throw new ArgumentException($"an adapter named '{adapterName}' is already attached");
         config = config with { ActFn = config.ActFn ?? "silu" };   // LlamaConfig accepts hidden_act = silu only
@@ -71,6 +73,62 @@ public static class MixLoraAdapters
         }
         SetActive(model, adapterName);
         return config;
+    }
+
+    /// <summary>
+    /// Checks the ranks against the projections they adapt on <paramref name="model"/> (nothing is allocated): <c>r</c>
+    /// at most min(in, out) of every targeted attention projection, and the experts' rank (<c>expert_lora.r</c>, else
+    /// <c>r</c>) at most min(hidden_size, intermediate_size).
+    /// </summary>
+    /// <exception cref="AdapterConfigException">A rank is too large for this model.</exception>
+    public static void ValidateFor(LlamaForCausalLM model, MixLoraConfig config, string source = "adapter config")
+    {
+        if (config.AttentionLoraConfig() is { } attention)
+            attention.ValidateFor(LoraAdapters.TargetedLayers(model, attention), source);
+        var c = model.Config;
+        if (config.ExpertTargets.Count > 0)
+        {
+            long max = Math.Min(c.HiddenSize, c.IntermediateSize);
+            if (config.ExpertR > max)
+                throw new AdapterConfigException(source, config.ExpertLora is not null ? "expert_lora.r" : "r",
+                    $"expected the experts' rank <= {max} = min(hidden_size {c.HiddenSize}, intermediate_size {c.IntermediateSize}) of the " +
+                    $"MLP projections it adapts, got {config.ExpertR}; a rank above that adds parameters without adding rank");
+        }
+    }
+
+    /// <summary>The state-dict layout (MoE-PEFT keys and shapes, in <see cref="StateDict"/> order) an adapter of
+    /// <paramref name="config"/> has on <paramref name="model"/>, computed without attaching it.</summary>
+    public static IReadOnlyList<(string Name, long[] Shape)> ExpectedLayout(LlamaForCausalLM model, MixLoraConfig config)
+    {
+        var c = model.Config;
+        var attention = config.AttentionLoraConfig();
+        var attentionLayers = attention is null ? [] : LoraAdapters.TargetedLayers(model, attention)
+            .ToDictionary(l => l.Path, l => (l.In, l.Out), StringComparer.Ordinal);
+        var list = new List<(string, long[])>();
+        for (int i = 0; i < c.NumHiddenLayers; i++)
+        {
+            string p = $"{Prefix}{i}.";
+            list.Add((p + "mlp.moe_gate.weight", [config.NumExperts, c.HiddenSize]));
+            foreach (var name in LlamaAttention.ProjectionNames)
+                if (attentionLayers.TryGetValue($"model.layers.{i}.self_attn.{name}", out var io))
+                {
+                    list.Add(($"{p}self_attn.{name}.lora_A.weight", [config.R, io.In]));
+                    list.Add(($"{p}self_attn.{name}.lora_B.weight", [io.Out, config.R]));
+                }
+            foreach (var proj in MixLoraConfig.ExpertProjectionOrder)
+            {
+                if (!config.ExpertTargets.Contains(proj)) continue;
+                long inF = proj == "down_proj" ? c.IntermediateSize : c.HiddenSize;
+                long outF = proj == "down_proj" ? c.HiddenSize : c.IntermediateSize;
+                for (int e = 0; e < config.NumExperts; e++)
+                {
+                    list.Add(($"{p}mlp.{proj}.experts.{e}.lora_A.weight", [config.ExpertR, inF]));
+                    list.Add(($"{p}mlp.{proj}.experts.{e}.lora_B.weight", [outF, config.ExpertR]));
+                }
+            }
+        }
+        if (config.PrivilegeEmbedding) list.Add((PrivilegeEmbeddingKey, [PrivilegeEmbedding.Levels, c.HiddenSize]));
+        return list;
     }
 
     /// <summary>Makes <paramref name="adapterName"/> the only active adapter (its mixtures and its attention LoRA), or
@@ -170,8 +228,12 @@ public static class MixLoraAdapters
     /// </summary>
     public static MixLoraConfig Load(LlamaForCausalLM model, string directory, string adapterName = "default")
     {
-        var config = MixLoraConfig.Load(Path.Combine(directory, ConfigFileName));
+        string configPath = Path.Combine(directory, ConfigFileName);
+        var config = MixLoraConfig.Load(configPath);
+        config.Validate(configPath);
+        ValidateFor(model, config, configPath);
         using var weights = AdapterWeights.Open(directory, SafetensorsFileName, BinFileName);
+        weights.CheckLayout(ExpectedLayout(model, config), CanonicalKey);   // before anything is allocated
         config = Attach(model, config, adapterName);
         try
         {

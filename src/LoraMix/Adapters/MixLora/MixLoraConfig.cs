@@ -148,14 +148,22 @@ public sealed record MixLoraConfig
         BaseModelNameOrPath = BaseModelNameOrPath, TaskType = TaskType,
     };
 
-    /// <summary>Checks every field and combination; throws <see cref="AdapterConfigException"/> naming the key and why.</summary>
+    /// <summary>Largest <c>num_experts</c> accepted: 1,024 (MoE-PEFT's MixLoRA uses 8 to 64; the largest released MoE
+    /// models have 256 routed experts).</summary>
+    public const int MaxExperts = 1024;
+
+    /// <summary>Checks every field and combination, including the bounds (<see cref="LoraConfig.MaxRank"/> for <c>r</c>,
+    /// <see cref="LoraConfig.MaxLoraAlpha"/> for <c>lora_alpha</c>, <see cref="MaxExperts"/>, finite coefficients); throws
+    /// <see cref="AdapterConfigException"/> naming the key, what is accepted and what was found.</summary>
     public void Validate(string source = "adapter config")
     {
         void Fail(string key, string reason) => throw new AdapterConfigException(source, key, reason);
         static bool Prob(double p) => p >= 0 && p < 1;
+        static bool NonNegative(double v) => v >= 0 && double.IsFinite(v);
+        const int maxAlpha = (int)LoraConfig.MaxLoraAlpha;
 
-        if (R <= 0) Fail("r", $"must be a positive integer, got {R}");
-        if (LoraAlpha <= 0) Fail("lora_alpha", $"must be a positive integer, got {LoraAlpha}");
+        if (R < 1 || R > LoraConfig.MaxRank) Fail("r", $"expected an integer in [1, {LoraConfig.MaxRank}], got {R}");
+        if (LoraAlpha < 1 || LoraAlpha > maxAlpha) Fail("lora_alpha", $"expected an integer in [1, {maxAlpha}], got {LoraAlpha}");
         if (!Prob(LoraDropout)) Fail("lora_dropout", $"must be in [0, 1), got {LoraDropout}");
         if (TargetModules is null || TargetModules.Count == 0)
             Fail("target_modules", $"is empty; give some of {string.Join(", ", LlamaTargetOrder)}");
@@ -168,22 +176,22 @@ public sealed record MixLoraConfig
         if (LoraInit is not ("original" or "gaussian")) Fail("lora_init", $"'{LoraInit}' is not supported; use \"original\" or \"gaussian\"");
         if (ExpertLora is { } x)
         {
-            if (x.R <= 0) Fail("expert_lora.r", $"must be a positive integer, got {x.R}");
-            if (x.LoraAlpha <= 0) Fail("expert_lora.lora_alpha", $"must be a positive integer, got {x.LoraAlpha}");
+            if (x.R < 1 || x.R > LoraConfig.MaxRank) Fail("expert_lora.r", $"expected an integer in [1, {LoraConfig.MaxRank}], got {x.R}");
+            if (x.LoraAlpha < 1 || x.LoraAlpha > maxAlpha) Fail("expert_lora.lora_alpha", $"expected an integer in [1, {maxAlpha}], got {x.LoraAlpha}");
             if (!Prob(x.LoraDropout)) Fail("expert_lora.lora_dropout", $"must be in [0, 1), got {x.LoraDropout}");
             if (ExpertTargets.Count == 0)
                 Fail("expert_lora", "is set but target_modules names no MLP projection (gate_proj, down_proj, up_proj), so there is no expert LoRA to configure");
         }
         if (!RoutingStrategies.Contains(RoutingStrategy))
             Fail("routing_strategy", $"'{RoutingStrategy}' is not supported; use one of {string.Join(", ", RoutingStrategies)}");
-        if (NumExperts < 1) Fail("num_experts", $"must be a positive integer, got {NumExperts}");
+        if (NumExperts < 1 || NumExperts > MaxExperts) Fail("num_experts", $"expected an integer in [1, {MaxExperts}], got {NumExperts}");
         if (RoutingStrategy == TopKStrategy && (TopK < 1 || TopK > NumExperts))
             Fail("top_k", $"must be in [1, num_experts = {NumExperts}], got {TopK}");
         if (RoutingStrategy == TopPStrategy && !(TopP > 0 && TopP <= 1)) Fail("top_p", $"must be in (0, 1], got {TopP}");
-        if (!(Temperature >= 0)) Fail("temperature", $"must be >= 0, got {Temperature}");
-        if (!(RouterAuxLossCoef >= 0)) Fail("router_aux_loss_coef", $"must be >= 0, got {RouterAuxLossCoef}");
-        if (RouterZLossCoef is { } z && !(z >= 0)) Fail("router_z_loss_coef", $"must be >= 0, got {z}");
-        if (RouterInitRange is { } ir && !(ir >= 0)) Fail("router_init_range", $"must be >= 0, got {ir}");
+        if (!NonNegative(Temperature)) Fail("temperature", $"must be a finite number >= 0, got {Temperature}");
+        if (!NonNegative(RouterAuxLossCoef)) Fail("router_aux_loss_coef", $"must be a finite number >= 0, got {RouterAuxLossCoef}");
+        if (RouterZLossCoef is { } z && !NonNegative(z)) Fail("router_z_loss_coef", $"must be a finite number >= 0, got {z}");
+        if (RouterInitRange is { } ir && !NonNegative(ir)) Fail("router_init_range", $"must be a finite number >= 0, got {ir}");
         if (JitterNoise is { } j && !Prob(j)) Fail("jitter_noise", $"must be in [0, 1), got {j}");
         if (ActFn is not null && !ActivationFunctions.Contains(ActFn))
             Fail("act_fn", $"'{ActFn}' is not supported; use one of {string.Join(", ", ActivationFunctions)}");
