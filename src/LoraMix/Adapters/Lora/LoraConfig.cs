@@ -29,22 +29,60 @@ public sealed record LoraConfig
     /// <summary>The linear layers of a Llama decoder layer, by Hugging Face name.</summary>
     public static readonly IReadOnlyList<string> LlamaLinearNames = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
+    /// <summary>How long one <see cref="TargetRegex"/> match may run before it is abandoned (a pattern with catastrophic
+    /// backtracking cannot hang loading or training).</summary>
+    public static readonly TimeSpan RegexMatchTimeout = TimeSpan.FromSeconds(1);
+
+    /// <summary>The largest rank accepted (<c>r</c>).</summary>
+    public const int MaxRank = 65_536;
+
     /// <summary>Whether the module at <paramref name="modulePath"/> (e.g. <c>model.layers.3.mlp.up_proj</c>) is targeted.</summary>
+    /// <exception cref="AdapterConfigException"><see cref="TargetRegex"/> is not a valid regex, or its match ran past
+    /// <see cref="RegexMatchTimeout"/>.</exception>
     public bool Targets(string modulePath)
     {
         if (AllLinear) return modulePath != "lm_head";
-        if (TargetRegex is not null) return Regex.IsMatch(modulePath, $"^(?:{TargetRegex})$");
+        if (TargetRegex is not null)
+        {
+            try
+            {
+                // The static method caches the parsed pattern, so matching every module name parses it once.
+                return Regex.IsMatch(modulePath, FullMatchPattern, RegexOptions.CultureInvariant, RegexMatchTimeout);
+            }
+            catch (RegexMatchTimeoutException)
+            {
+                throw new AdapterConfigException("adapter config", "target_modules",
+                    $"the regex '{TargetRegex}' took longer than {RegexMatchTimeout.TotalSeconds:0.#} s to match '{modulePath}' (catastrophic backtracking); simplify it or list the module names");
+            }
+            catch (ArgumentException e)
+            {
+                throw InvalidRegex("adapter config", e);
+            }
+        }
         return TargetModules!.Any(t => modulePath == t || modulePath.EndsWith("." + t, StringComparison.Ordinal));
     }
 
-    /// <summary>Checks ranges; throws <see cref="LoraMixException"/> naming the key.</summary>
+    /// <summary><see cref="TargetRegex"/> as a full match (PEFT's <c>re.fullmatch</c>).</summary>
+    private string FullMatchPattern => $"^(?:{TargetRegex})$";
+
+    private AdapterConfigException InvalidRegex(string source, ArgumentException e) =>
+        new(source, "target_modules",
+            $"'{TargetRegex}' is not a valid regular expression ({e.Message}); give a regex matched against the full module name, a list of module names, or \"all-linear\"");
+
+    /// <summary>Checks ranges; throws <see cref="AdapterConfigException"/> naming the key.</summary>
     public void Validate(string source = "adapter config")
     {
-        if (R <= 0) throw new LoraMixException($"{source}: 'r' must be a positive integer, got {R}");
-        if (!(LoraAlpha > 0)) throw new LoraMixException($"{source}: 'lora_alpha' must be positive, got {LoraAlpha}");
-        if (LoraDropout is < 0 or >= 1) throw new LoraMixException($"{source}: 'lora_dropout' must be in [0, 1), got {LoraDropout}");
+        void Fail(string key, string reason) => throw new AdapterConfigException(source, key, reason);
+        if (R <= 0 || R > MaxRank) Fail("r", $"must be an integer in [1, {MaxRank}], got {R}");
+        if (!(LoraAlpha > 0 && double.IsFinite(LoraAlpha))) Fail("lora_alpha", $"must be a finite positive number, got {LoraAlpha}");
+        if (!(LoraDropout >= 0 && LoraDropout < 1)) Fail("lora_dropout", $"must be in [0, 1), got {LoraDropout}");
         if (!AllLinear && TargetRegex is null && (TargetModules is null || TargetModules.Count == 0))
-            throw new LoraMixException($"{source}: 'target_modules' is empty; give module names (e.g. [\"q_proj\", \"v_proj\"]), a regex, or \"all-linear\"");
+            Fail("target_modules", "is empty; give module names (e.g. [\"q_proj\", \"v_proj\"]), a regex, or \"all-linear\"");
+        if (!AllLinear && TargetRegex is not null)
+        {
+            try { _ = new Regex(FullMatchPattern, RegexOptions.CultureInvariant, RegexMatchTimeout); }
+            catch (ArgumentException e) { throw InvalidRegex(source, e); }
+        }
     }
 
     /// <summary>Writes <c>adapter_config.json</c> as PEFT does: sorted keys, two-space indent, PEFT's full field set.</summary>
@@ -139,11 +177,12 @@ public sealed record LoraConfig
             TaskType = obj["task_type"] is JsonValue tt ? tt.GetValue<string>() : "CAUSAL_LM",
             InferenceMode = obj["inference_mode"] is not JsonValue im || im.GetValue<bool>(),
         };
+        static bool IsString(JsonNode? n) => n is JsonValue v && v.GetValueKind() == JsonValueKind.String;
         cfg = obj["target_modules"] switch
         {
-            JsonValue v when v.GetValue<string>() == "all-linear" => cfg with { AllLinear = true, TargetModules = null },
-            JsonValue v => cfg with { TargetRegex = v.GetValue<string>(), TargetModules = null },
-            JsonArray a => cfg with { TargetModules = a.Select(e => e!.GetValue<string>()).ToList() },
+            JsonValue v when IsString(v) && v.GetValue<string>() == "all-linear" => cfg with { AllLinear = true, TargetModules = null },
+            JsonValue v when IsString(v) => cfg with { TargetRegex = v.GetValue<string>(), TargetModules = null },
+            JsonArray a when a.All(IsString) => cfg with { TargetModules = a.Select(e => e!.GetValue<string>()).ToList() },
             null => throw new LoraMixException($"{source}: 'target_modules' is missing"),
             var other => throw new LoraMixException($"{source}: 'target_modules' must be a list, a regex string or \"all-linear\", got {other.ToJsonString()}"),
         };
