@@ -57,43 +57,87 @@ public sealed class DatasetFileException : LoraMixException
     public int Line { get; }
 }
 
-/// <summary>Reads alpaca, chat and plain-text datasets from JSON (an array), JSON lines or .txt files.</summary>
+/// <summary>
+/// Reads alpaca, chat and plain-text datasets from JSON (an array), JSON lines or .txt files. Input is never trusted:
+/// text must be valid UTF-8, JSON strings must not hold unpaired surrogate escapes, nesting and record sizes are bounded
+/// (<see cref="MaxJsonDepth"/>, <see cref="MaxRecordBytes"/>, <see cref="MaxJsonArrayFileBytes"/>), and every violation is a
+/// <see cref="DatasetFileException"/> naming the file and line (skipped and counted under <c>skip_bad</c> when it concerns
+/// one record).
+/// </summary>
 public static class DatasetReader
 {
+    /// <summary>The deepest JSON nesting accepted in a record (a record needs 4 levels; deeper input is refused before it
+    /// can exhaust the stack).</summary>
+    public const int MaxJsonDepth = 64;
+
+    /// <summary>The largest record accepted: a .jsonl line, a .txt document or one element of a .json array (64 MiB).</summary>
+    public const int MaxRecordBytes = 64 << 20;
+
+    /// <summary>The largest .json (array) file accepted, since it is read whole (1 GiB); use .jsonl for larger data.</summary>
+    public const long MaxJsonArrayFileBytes = 1L << 30;
+
+    private static readonly JsonDocumentOptions DocumentOptions = new() { MaxDepth = MaxJsonDepth };
+
+    private static readonly JsonReaderOptions ReaderOptions = new()
+    {
+        CommentHandling = JsonCommentHandling.Skip, AllowTrailingCommas = true, MaxDepth = MaxJsonDepth,
+    };
+
     /// <summary>
     /// Reads <paramref name="path"/>. Every bad record fails with its file and line, or, with <paramref name="skipBad"/>,
     /// is skipped and listed in <see cref="Dataset.Skipped"/>. A file with no usable record fails.
     /// </summary>
+    /// <exception cref="DatasetFileException">The file cannot be read, is not valid UTF-8 / JSON, or a record is bad
+    /// (without <paramref name="skipBad"/>); the message names the file and the line.</exception>
     public static Dataset Load(string path, DatasetFormat format = DatasetFormat.Auto, bool skipBad = false)
     {
+        ArgumentNullException.ThrowIfNull(path);
         if (!File.Exists(path)) throw new DatasetFileException(path, 0, "file not found");
         var skipped = new List<string>();
         var records = new List<DatasetRecord>();
         string ext = Path.GetExtension(path).ToLowerInvariant();
-        if (ext == ".txt")
+        if (ext == ".txt" && format is not (DatasetFormat.Auto or DatasetFormat.Text))
+            throw new DatasetFileException(path, 0, $"a .txt file holds plain text, not {format.ToString().ToLowerInvariant()} records");
+        try
         {
-            if (format is not (DatasetFormat.Auto or DatasetFormat.Text))
-                throw new DatasetFileException(path, 0, $"a .txt file holds plain text, not {format.ToString().ToLowerInvariant()} records");
-            ReadText(path, records);
-            format = DatasetFormat.Text;
-        }
-        else
-        {
-            foreach (var (line, element, error) in ext == ".jsonl" ? JsonLines(path) : JsonArray(path))
+            if (ext == ".txt")
             {
-                try
+                foreach (var (line, text, error) in TextDocuments(path))
                 {
-                    if (error is not null) throw new DatasetFileException(path, line, error);
-                    var f = format == DatasetFormat.Auto ? Detect(element, path, line) : format;
-                    var record = Parse(element, f, path, line);
-                    if (format == DatasetFormat.Auto) format = f;
-                    records.Add(record);
+                    try
+                    {
+                        if (error is not null) throw new DatasetFileException(path, line, error);
+                        records.Add(new DatasetRecord(line, null, text));
+                    }
+                    catch (DatasetFileException e) when (skipBad)
+                    {
+                        skipped.Add(e.Message);
+                    }
                 }
-                catch (DatasetFileException e) when (skipBad)
+                format = DatasetFormat.Text;
+            }
+            else
+            {
+                foreach (var (line, element, error) in ext == ".jsonl" ? JsonLines(path) : JsonArray(path))
                 {
-                    skipped.Add(e.Message);
+                    try
+                    {
+                        if (error is not null) throw new DatasetFileException(path, line, error);
+                        var f = format == DatasetFormat.Auto ? Detect(element, path, line) : format;
+                        var record = Parse(element, f, path, line);
+                        if (format == DatasetFormat.Auto) format = f;
+                        records.Add(record);
+                    }
+                    catch (DatasetFileException e) when (skipBad)
+                    {
+                        skipped.Add(e.Message);
+                    }
                 }
             }
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new DatasetFileException(path, 0, $"cannot read the file: {e.Message}", e);
         }
         if (records.Count == 0)
             throw new DatasetFileException(path, 0, skipped.Count > 0
@@ -116,56 +160,125 @@ public static class DatasetReader
         return (train, val);
     }
 
-    private static void ReadText(string path, List<DatasetRecord> records)
+    private static string TooLong(string what) =>
+        $"{what} is longer than {MaxRecordBytes >> 20} MiB (the limit for one record); split it or shorten it";
+
+    /// <summary>The blank-line-separated documents of a .txt file, each with its first line, or the error that makes
+    /// it unusable (invalid UTF-8, longer than <see cref="MaxRecordBytes"/>) with the line of the problem.</summary>
+    private static IEnumerable<(int Line, string? Text, string? Error)> TextDocuments(string path)
     {
-        var lines = File.ReadAllLines(path, Encoding.UTF8);
         var doc = new StringBuilder();
-        int start = 0;
-        for (int i = 0; i <= lines.Length; i++)
+        int start = 0, errorLine = 0;
+        long bytes = 0;
+        string? error = null;
+        foreach (var (line, raw) in WithLineLimit(StrictText.ReadLines(path, MaxRecordBytes), path))
         {
-            bool blank = i == lines.Length || lines[i].Trim().Length == 0;
-            if (blank)
+            string? text = null;
+            int bad = raw is null ? -1 : StrictText.FindInvalidUtf8(raw);
+            if (raw is not null && bad < 0)
             {
-                if (doc.Length > 0) records.Add(new DatasetRecord(start, null, doc.ToString()));
-                doc.Clear();
-                continue;
+                text = StrictText.Utf8.GetString(raw);
+                if (text.Trim().Length == 0)
+                {
+                    if (start > 0) yield return error is null ? (start, doc.ToString(), null) : (errorLine, null, error);
+                    doc.Clear();
+                    (start, bytes, error) = (0, 0, null);
+                    continue;
+                }
             }
-            if (doc.Length == 0) start = i + 1;
-            else doc.Append('\n');
-            doc.Append(lines[i]);
+            if (start == 0) start = line;
+            if (error is not null) continue;   // the rest of a bad document goes with it
+            if (raw is null || (bytes += raw.Length + 1) > MaxRecordBytes)
+                (error, errorLine) = (TooLong(raw is null ? "the line" : $"the document starting at line {start}"), line);
+            else if (bad >= 0)
+                (error, errorLine) = (StrictText.InvalidUtf8Message(raw, bad), line);
+            else
+            {
+                if (doc.Length > 0) doc.Append('\n');
+                doc.Append(text);
+            }
+        }
+        if (start > 0) yield return error is null ? (start, doc.ToString(), null) : (errorLine, null, error);
+    }
+
+    private static bool IsBlank(byte[] line)
+    {
+        foreach (byte b in line)
+            if (b is not ((byte)' ' or (byte)'\t' or (byte)'\r' or (byte)'\n')) return false;
+        return true;
+    }
+
+    /// <summary>Turns the reader's line-count overflow into a typed error.</summary>
+    private static IEnumerable<(int Line, byte[]? Bytes)> WithLineLimit(IEnumerable<(int Line, byte[]? Bytes)> lines, string path)
+    {
+        using var e = lines.GetEnumerator();
+        while (true)
+        {
+            try
+            {
+                if (!e.MoveNext()) yield break;
+            }
+            catch (InvalidDataException x)
+            {
+                throw new DatasetFileException(path, 0, $"{x.Message}; split the file");
+            }
+            yield return e.Current;
         }
     }
 
     private static IEnumerable<(int Line, JsonElement Element, string? Error)> JsonLines(string path)
     {
-        int line = 0;
-        foreach (string text in File.ReadLines(path, Encoding.UTF8))
+        foreach (var (line, raw) in WithLineLimit(StrictText.ReadLines(path, MaxRecordBytes), path))
         {
-            line++;
-            if (text.Trim().Length == 0) continue;
-            JsonElement element;
-            string? error = null;
-            try
+            if (raw is null)
             {
-                using var doc = JsonDocument.Parse(text);
-                element = doc.RootElement.Clone();
+                yield return (line, default, TooLong("the line"));
+                continue;
             }
-            catch (JsonException e)
+            if (IsBlank(raw)) continue;
+            yield return (line, ParseRecord(raw, out string? error), error);
+        }
+    }
+
+    /// <summary>One record's JSON, checked strictly: valid UTF-8, nesting within <see cref="MaxJsonDepth"/>, one value,
+    /// no unpaired surrogate escapes. On failure <paramref name="error"/> says why (the element is then default).</summary>
+    private static JsonElement ParseRecord(byte[] raw, out string? error)
+    {
+        int bad = StrictText.FindInvalidUtf8(raw);
+        if (bad >= 0)
+        {
+            error = StrictText.InvalidUtf8Message(raw, bad);
+            return default;
+        }
+        try
+        {
+            using var doc = JsonDocument.Parse(raw, DocumentOptions);
+            if (StrictText.FindUnpairedSurrogateEscape(raw, ReaderOptions) >= 0)
             {
-                element = default;
-                error = $"invalid JSON ({e.Message})";
+                error = StrictText.UnpairedSurrogateMessage;
+                return default;
             }
-            yield return (line, element, error);
+            error = null;
+            return doc.RootElement.Clone();
+        }
+        catch (JsonException e)
+        {
+            error = $"invalid JSON ({e.Message})";
+            return default;
         }
     }
 
     private static IEnumerable<(int Line, JsonElement Element, string? Error)> JsonArray(string path)
     {
+        long length = new FileInfo(path).Length;
+        if (length > MaxJsonArrayFileBytes)
+            throw new DatasetFileException(path, 0,
+                $"the file is {length} bytes; a .json dataset is read whole and may be at most {MaxJsonArrayFileBytes >> 30} GiB: use JSON lines (.jsonl) for larger data");
         byte[] bytes = File.ReadAllBytes(path);
         var items = new List<(int, JsonElement, string?)>();
         try
         {
-            var reader = new Utf8JsonReader(bytes, new JsonReaderOptions { CommentHandling = JsonCommentHandling.Skip, AllowTrailingCommas = true });
+            var reader = new Utf8JsonReader(bytes, ReaderOptions);
             if (!reader.Read()) throw new DatasetFileException(path, 0, "the file is empty");
             if (reader.TokenType != JsonTokenType.StartArray)
                 throw new DatasetFileException(path, 1, "a .json dataset must be an array of records (use .jsonl for one record per line)");
@@ -174,11 +287,23 @@ public static class DatasetReader
             while (reader.Read() && reader.TokenType != JsonTokenType.EndArray)
             {
                 long start = reader.TokenStartIndex;
-                for (long i = counted; i < start; i++) if (bytes[i] == (byte)'\n') line++;
+                line += bytes.AsSpan((int)counted, (int)(start - counted)).Count((byte)'\n');
                 counted = start;
                 using var doc = JsonDocument.ParseValue(ref reader);
-                items.Add((line, doc.RootElement.Clone(), null));
+                var raw = bytes.AsSpan((int)start, (int)(reader.BytesConsumed - start));
+                if (raw.Length > MaxRecordBytes)
+                {
+                    items.Add((line, default, TooLong("the record")));
+                    continue;
+                }
+                int bad = StrictText.FindInvalidUtf8(raw);
+                long surrogate = bad >= 0 ? -1 : StrictText.FindUnpairedSurrogateEscape(raw, ReaderOptions);
+                if (bad >= 0) items.Add((line + StrictText.LineAt(raw, bad) - 1, default, StrictText.InvalidUtf8Message(raw, bad)));
+                else if (surrogate >= 0) items.Add((line + StrictText.LineAt(raw, surrogate) - 1, default, StrictText.UnpairedSurrogateMessage));
+                else items.Add((line, doc.RootElement.Clone(), null));
             }
+            // Reading past ']' makes anything but whitespace or comments after the array a JsonException.
+            if (reader.TokenType == JsonTokenType.EndArray) reader.Read();
         }
         catch (JsonException e)
         {

@@ -16,14 +16,16 @@ public sealed class UnknownChatRoleException : LoraMixException
     public IReadOnlyList<string> ExpectedRoles => ChatRoles.Names;
 }
 
-/// <summary>A chat file is malformed: not a JSON array of <c>{"role", "content"}</c> objects, or a bad role.</summary>
+/// <summary>A chat file is malformed: not UTF-8 JSON, too large or too deeply nested, not a JSON array of
+/// <c>{"role", "content"}</c> objects, or a bad role.</summary>
 public sealed class ChatFileException : LoraMixException
 {
-    public ChatFileException(string file, int? messageIndex, string message, Exception? inner = null)
-        : base(Compose(file, messageIndex, message), inner)
+    public ChatFileException(string file, int? messageIndex, string message, Exception? inner = null, int? line = null)
+        : base(Compose(file, messageIndex, message, line), inner)
     {
         FilePath = file;
         MessageIndex = messageIndex;
+        Line = line;
     }
 
     /// <summary>The offending file.</summary>
@@ -32,11 +34,17 @@ public sealed class ChatFileException : LoraMixException
     /// <summary>The 0-based index of the offending message; null when the problem is the file as a whole.</summary>
     public int? MessageIndex { get; }
 
+    /// <summary>The 1-based line of the problem in the file, when known.</summary>
+    public int? Line { get; }
+
     /// <summary>The accepted role names.</summary>
     public IReadOnlyList<string> ExpectedRoles => ChatRoles.Names;
 
-    private static string Compose(string file, int? index, string message) =>
-        index is null ? $"{file}: {message}" : $"{file}: message {index}: {message}";
+    private static string Compose(string file, int? index, string message, int? line)
+    {
+        string where = line is null ? file : $"{file}:{line}";
+        return index is null ? $"{where}: {message}" : $"{where}: message {index}: {message}";
+    }
 }
 
 /// <summary>A conversation does not fit the chat template (e.g. roles that do not alternate in an <c>[INST]</c>

@@ -135,35 +135,63 @@ public sealed record TrainingOptions
             OverwriteOutputDir = doc.Bool(K("overwrite_output_dir"), d.OverwriteOutputDir),
             ResumeFromCheckpoint = doc.String(K("resume_from_checkpoint"), d.ResumeFromCheckpoint),
         };
-        o.Validate(doc.Source);
+        o.Check((key, message) => new ConfigFileException(doc.Source, K(key), message));
         return o;
     }
 
-    /// <summary>Checks every option; throws <see cref="LoraMixException"/> naming the key, the value and what to do.</summary>
-    public void Validate(string source = "training options")
+    /// <summary>The largest <see cref="LearningRate"/> accepted: a peak rate above 1 is a typo (1e4 for 1e-4), and the
+    /// optimizer computes in fp32, where a huge rate overflows.</summary>
+    public const double MaxLearningRate = 1;
+
+    /// <summary>The largest <see cref="NumEpochs"/> accepted.</summary>
+    public const double MaxNumEpochs = 10_000;
+
+    /// <summary>The largest <see cref="BatchSize"/>, <see cref="EvalBatchSize"/> and <see cref="GradientAccumulationSteps"/> accepted.</summary>
+    public const int MaxBatchSize = 65_536;
+
+    /// <summary>The largest <see cref="CutoffLen"/> accepted (tokens).</summary>
+    public const int MaxCutoffLen = 1 << 20;
+
+    /// <summary>Checks every option against its stated range; throws <see cref="LoraMixException"/> naming the key, the
+    /// value and what to do.</summary>
+    public void Validate(string source = "training options") =>
+        Check((key, message) => new LoraMixException($"{source}: '{key}': {message}"));
+
+    /// <summary>Every range, with the error made by <paramref name="fail"/> (key, message).</summary>
+    internal void Check(Func<string, string, LoraMixException> fail)
     {
         static string F(double v) => v.ToString("R", CultureInfo.InvariantCulture);
-        void Fail(string key, string message) => throw new LoraMixException($"{source}: '{key}': {message}");
-        if (!double.IsFinite(LearningRate) || LearningRate <= 0) Fail("learning_rate", $"must be a positive number, got {F(LearningRate)} (typical: 1e-4 to 3e-4 for LoRA, 1e-5 for full fine-tuning)");
+        void Fail(string key, string message) => throw fail(key, message);
+        void IntRange(string key, long value, long min, long max, string note = "")
+        {
+            if (value < min || value > max) Fail(key, $"must be in [{min}, {max}]{note}, got {value}");
+        }
+        if (!(LearningRate > 0 && LearningRate <= MaxLearningRate))
+            Fail("learning_rate", $"must be in (0, {F(MaxLearningRate)}], got {F(LearningRate)} (typical: 1e-4 to 3e-4 for LoRA, 1e-5 for full fine-tuning)");
         if (MaxSteps <= 0 && MaxSteps != -1) Fail("max_steps", $"must be a positive number of optimizer steps, or -1 to train for num_epochs; got {MaxSteps}");
-        if (MaxSteps <= 0 && (!double.IsFinite(NumEpochs) || NumEpochs <= 0)) Fail("num_epochs", $"must be positive (or set max_steps), got {F(NumEpochs)}");
-        if (BatchSize < 1) Fail("batch_size", $"must be at least 1, got {BatchSize}");
-        if (EvalBatchSize < 0) Fail("eval_batch_size", $"must be at least 1 (or 0 for batch_size), got {EvalBatchSize}");
-        if (GradientAccumulationSteps < 1) Fail("gradient_accumulation_steps", $"must be at least 1, got {GradientAccumulationSteps}");
+        if (!(NumEpochs > 0 && NumEpochs <= MaxNumEpochs))
+            Fail("num_epochs", $"must be in (0, {F(MaxNumEpochs)}] (fractions allowed; or set max_steps), got {F(NumEpochs)}");
+        IntRange("batch_size", BatchSize, 1, MaxBatchSize);
+        IntRange("eval_batch_size", EvalBatchSize, 0, MaxBatchSize, " (0 = batch_size)");
+        IntRange("gradient_accumulation_steps", GradientAccumulationSteps, 1, MaxBatchSize);
         if (WarmupSteps < 0) Fail("warmup_steps", $"must be non-negative, got {WarmupSteps}");
         if (!(WarmupRatio >= 0 && WarmupRatio < 1)) Fail("warmup_ratio", $"must be in [0, 1), got {F(WarmupRatio)}");
         if (!SchedulerNames.Contains(LrScheduler)) Fail("lr_scheduler", $"unknown schedule '{LrScheduler}'; expected one of {string.Join(", ", SchedulerNames)}");
-        if (!(WeightDecay >= 0 && double.IsFinite(WeightDecay))) Fail("weight_decay", $"must be non-negative, got {F(WeightDecay)}");
+        if (!(WeightDecay >= 0 && WeightDecay * LearningRate < 1))
+            Fail("weight_decay", $"must be non-negative with learning_rate × weight_decay below 1 (each step scales the weights by 1 - learning_rate × weight_decay), got {F(WeightDecay)} (typical: 0 to 0.1)");
         if (!(AdamBeta1 >= 0 && AdamBeta1 < 1)) Fail("adam_beta1", $"must be in [0, 1), got {F(AdamBeta1)} (default 0.9)");
         if (!(AdamBeta2 >= 0 && AdamBeta2 < 1)) Fail("adam_beta2", $"must be in [0, 1), got {F(AdamBeta2)} (default 0.999)");
-        if (!(AdamEpsilon > 0 && double.IsFinite(AdamEpsilon))) Fail("adam_epsilon", $"must be positive, got {F(AdamEpsilon)} (default 1e-8)");
-        if (!(MaxGradNorm >= 0 && double.IsFinite(MaxGradNorm))) Fail("max_grad_norm", $"must be non-negative (0 disables clipping), got {F(MaxGradNorm)}");
+        if (!(AdamEpsilon > 0 && AdamEpsilon <= 1)) Fail("adam_epsilon", $"must be in (0, 1], got {F(AdamEpsilon)} (default 1e-8)");
+        if (!(MaxGradNorm >= 0 && double.IsFinite(MaxGradNorm))) Fail("max_grad_norm", $"must be a finite non-negative number (0 disables clipping), got {F(MaxGradNorm)}");
         if (EvalSteps < 0) Fail("eval_steps", $"must be non-negative (0 = evaluate at the end only), got {EvalSteps}");
         if (SaveSteps < 0) Fail("save_steps", $"must be non-negative (0 = no checkpoints), got {SaveSteps}");
         if (LoggingSteps < 1) Fail("logging_steps", $"must be at least 1, got {LoggingSteps}");
         if (SaveTotalLimit < 0) Fail("save_total_limit", $"must be non-negative (0 = keep every checkpoint), got {SaveTotalLimit}");
         if (string.IsNullOrWhiteSpace(OutputDir)) Fail("output_dir", "is required: the folder for metrics.jsonl, checkpoints, loss.png and the trained weights");
-        if (CutoffLen < 2) Fail("cutoff_len", $"must be at least 2 tokens, got {CutoffLen}");
+        if (OutputDir.IndexOfAny(Path.GetInvalidPathChars()) >= 0) Fail("output_dir", "holds a character that is not allowed in a path (e.g. NUL)");
+        if (ResumeFromCheckpoint?.IndexOfAny(Path.GetInvalidPathChars()) >= 0) Fail("resume_from_checkpoint", "holds a character that is not allowed in a path (e.g. NUL)");
+        IntRange("seed", Seed, 0, int.MaxValue);
+        IntRange("cutoff_len", CutoffLen, 2, MaxCutoffLen, " tokens");
         if (PadTokenId < 0) Fail("pad_token_id", $"must be non-negative, got {PadTokenId}");
         if (ResumeFromCheckpoint is { Length: 0 }) Fail("resume_from_checkpoint", "is empty; give a checkpoint directory or 'latest'");
     }

@@ -146,6 +146,27 @@ public sealed record TrainingRecipe
     public static IReadOnlyList<string> AllKeys { get; } =
         [.. RecipeKeys, .. TrainingOptions.Keys, .. TrainingOptions.Aliases.Keys];
 
+    /// <summary>The largest LoRA rank accepted (<c>adapter.r</c>, <c>adapter.expert_lora.r</c>).</summary>
+    public const int MaxRank = 65_536;
+
+    /// <summary>The most MixLoRA experts accepted (<c>adapter.num_experts</c>).</summary>
+    public const int MaxExperts = 1_024;
+
+    /// <summary>The most task-world examples one source may generate (<c>task_world.count</c>).</summary>
+    public const int MaxTaskWorldCount = 1_000_000;
+
+    /// <summary>The largest generation budget of the exact-match evaluation (<c>eval_max_new_tokens</c>).</summary>
+    public const int MaxNewTokens = 1 << 20;
+
+    /// <summary>The most test examples per family in a pre-training report (<c>report_samples_per_family</c>).</summary>
+    public const int MaxReportSamplesPerFamily = 100_000;
+
+    private static void Range(ConfigDocument doc, string key, long value, long min, long max)
+    {
+        if (value < min || value > max)
+            throw new ConfigFileException(doc.Source, key, $"must be in [{min}, {max}], got {value}");
+    }
+
     /// <summary>Loads a YAML/JSON recipe with <c>key=value</c> overrides (<c>--set</c>).</summary>
     public static TrainingRecipe Load(string path, IEnumerable<string>? overrides = null) => Parse(ConfigDocument.Load(path, overrides));
 
@@ -200,8 +221,9 @@ public sealed record TrainingRecipe
         };
         if (doc.String("dataset_format") is { } fmt)
         {
-            var f = Enum.TryParse<DatasetFormat>(fmt, ignoreCase: true, out var parsed) ? parsed
-                : throw Bad("dataset_format", $"unknown format '{fmt}'; expected auto, alpaca, chat or text");
+            // By name only: Enum.TryParse would also take "7" and "1, 2", which name no format.
+            var f = Enum.GetValues<DatasetFormat>().Where(v => v.ToString().Equals(fmt, StringComparison.OrdinalIgnoreCase)).Select(v => (DatasetFormat?)v).FirstOrDefault()
+                ?? throw Bad("dataset_format", $"unknown format '{fmt}'; expected auto, alpaca, chat or text");
             recipe = recipe with
             {
                 Dataset = recipe.Dataset with { Format = f },
@@ -212,8 +234,8 @@ public sealed record TrainingRecipe
         if (recipe.ValSize > 0 && recipe.EvalDataset is not null) throw Bad("val_size", "both 'eval_dataset' and 'val_size' are set; keep one");
         if (recipe.MaxSamples < 0) throw Bad("max_samples", $"must be non-negative (0 = all), got {recipe.MaxSamples}");
         if (recipe.Template is { } t && !ChatTemplate.TryParse(t, out _)) throw Bad("template", $"unknown template '{t}'; expected one of {string.Join(", ", ChatTemplate.Names)}");
-        if (recipe.EvalMaxNewTokens < 1) throw Bad("eval_max_new_tokens", $"must be at least 1, got {recipe.EvalMaxNewTokens}");
-        if (recipe.ReportSamplesPerFamily < 1) throw Bad("report_samples_per_family", $"must be at least 1, got {recipe.ReportSamplesPerFamily}");
+        Range(doc, "eval_max_new_tokens", recipe.EvalMaxNewTokens, 1, MaxNewTokens);
+        Range(doc, "report_samples_per_family", recipe.ReportSamplesPerFamily, 1, MaxReportSamplesPerFamily);
         if (recipe.EvalExactMatch == true && recipe.EvalDataset is null && recipe.ValSize == 0)
             throw Bad("eval_exact_match", "needs evaluation data: set eval_dataset or val_size");
         try { Torch.TorchRuntime.ParseDevice(recipe.Device); }
@@ -256,11 +278,13 @@ public sealed record TrainingRecipe
                 foreach (var f in group) if (!families.Contains(f)) families.Add(f);
             }
             int count = doc.Int(p + "count", 1000);
-            if (count < 1) throw new ConfigFileException(doc.Source, p + "count", $"must be at least 1, got {count}");
+            Range(doc, p + "count", count, 1, MaxTaskWorldCount);
+            int seed = doc.Int(p + "seed", key == "dataset" ? 0 : 1);
+            Range(doc, p + "seed", seed, 0, int.MaxValue);
             string split = doc.String(p + "split", key == "dataset" ? "train" : "test")!;
             string placement = doc.String(p + "placement", "system")!;
             string paraphrases = doc.String(p + "paraphrases", "train")!;
-            var source = new TaskWorldSource(families, count, doc.Int(p + "seed", key == "dataset" ? 0 : 1),
+            var source = new TaskWorldSource(families, count, seed,
                 split switch
                 {
                     "train" => TaskSplit.Train,
@@ -315,6 +339,20 @@ public sealed record TrainingRecipe
             TieWordEmbeddings = doc.Bool(p + "tie_word_embeddings", basis.TieWordEmbeddings),
             VocabSize = doc.Int(p + "vocab_size", 0),
         };
+        foreach (var (key, value, min, max) in new (string, long, long, long)[]
+        {
+            ("hidden_size", cfg.HiddenSize, 1, 65_536), ("intermediate_size", cfg.IntermediateSize, 1, 262_144),
+            ("num_hidden_layers", cfg.NumHiddenLayers, 1, 1_024), ("num_attention_heads", cfg.NumAttentionHeads, 1, 1_024),
+            ("num_key_value_heads", cfg.NumKeyValueHeads, 1, 1_024), ("head_dim", cfg.HeadDim, 2, 4_096),
+            ("max_position_embeddings", cfg.MaxPositionEmbeddings, 1, 1 << 20), ("vocab_size", cfg.VocabSize, 0, 1 << 24),
+        })
+            Range(doc, p + key, value, min, max);
+        if (!(cfg.RopeTheta > 0 && cfg.RopeTheta <= 1e12))
+            throw new ConfigFileException(doc.Source, p + "rope_theta", $"must be in (0, 1e12], got {cfg.RopeTheta.ToString(CultureInfo.InvariantCulture)} (Llama: 10000 or 500000)");
+        if (!(cfg.RmsNormEps > 0 && cfg.RmsNormEps < 1))
+            throw new ConfigFileException(doc.Source, p + "rms_norm_eps", $"must be in (0, 1), got {cfg.RmsNormEps.ToString(CultureInfo.InvariantCulture)} (typical: 1e-5 or 1e-6)");
+        int initSeed = doc.Int(p + "seed", (int)defaultSeed);
+        Range(doc, p + "seed", initSeed, 0, int.MaxValue);
         string tokenizer = doc.String(p + "tokenizer") ?? throw new ConfigFileException(doc.Source, p + "tokenizer",
             "missing: 'byte-level' (writes a byte-level tokenizer) or a directory holding tokenizer.json / tokenizer.model");
         if (tokenizer != "byte-level" && !Inference.ChatEngine.HasTokenizerFiles(tokenizer))
@@ -322,7 +360,7 @@ public sealed record TrainingRecipe
         // Validate the shape now (with a placeholder vocabulary when it comes from the tokenizer).
         try { (cfg with { VocabSize = Math.Max(cfg.VocabSize, 1), BosTokenId = null, EosTokenIds = [], PadTokenId = null }).Validate(doc.Source + ": model_init"); }
         catch (ModelConfigException e) { throw new ConfigFileException(doc.Source, p.TrimEnd('.'), e.Message); }
-        return new ModelInitSpec(cfg, tokenizer, doc.Int(p + "seed", (int)defaultSeed));
+        return new ModelInitSpec(cfg, tokenizer, initSeed);
     }
 
     private static LoraConfig ReadLora(ConfigDocument doc, string? model)
@@ -341,8 +379,9 @@ public sealed record TrainingRecipe
             cfg = cfg with { TargetModules = doc.StringList("adapter.target_modules") };
         else if (doc.String("adapter.target_modules") is { } t)
             cfg = t is "all-linear" or "all" ? cfg with { AllLinear = true, TargetModules = null } : cfg with { TargetRegex = t, TargetModules = null };
+        Range(doc, "adapter.r", cfg.R, 1, MaxRank);
         try { cfg.Validate(doc.Source + ": adapter"); }
-        catch (LoraMixException e) { throw new ConfigFileException(doc.Source, "adapter", e.Message); }
+        catch (AdapterConfigException e) { throw new ConfigFileException(doc.Source, "adapter." + e.Key, e.Reason); }
         return cfg;
     }
 
@@ -396,6 +435,9 @@ public sealed record TrainingRecipe
             PrivilegeEmbedding = doc.NonNullBool(p + "privilege_embedding", d.PrivilegeEmbedding),
             BaseModelNameOrPath = model,
         };
+        Range(doc, p + "r", cfg.R, 1, MaxRank);
+        if (cfg.ExpertLora is { } xl) Range(doc, p + "expert_lora.r", xl.R, 1, MaxRank);
+        Range(doc, p + "num_experts", cfg.NumExperts, 1, MaxExperts);
         try { cfg.Validate(doc.Source + ": adapter"); }
         catch (AdapterConfigException e) { throw new ConfigFileException(doc.Source, p + e.Key, e.Reason); }
         return cfg;

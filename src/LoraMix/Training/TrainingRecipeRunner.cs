@@ -59,6 +59,12 @@ internal static class TrainingRecipeRunner
         var device = TorchRuntime.ParseDevice(r.Device);
         var dtype = options.Bf16 ? ScalarType.BFloat16 : ScalarType.Float32;
 
+        // ---- dataset files: read and checked before anything is written, so a bad file leaves no output behind
+        var files = new Dictionary<(string, DatasetFormat), Dataset>();
+        foreach (var spec in new[] { r.Dataset, r.EvalDataset })
+            foreach (var file in spec?.Files ?? [])
+                if (!files.ContainsKey((file, spec!.Format))) files[(file, spec.Format)] = DatasetReader.Load(file, spec.Format, r.SkipBad);
+
         // ---- tokenizer (and, from scratch, the architecture)
         TextTokenizer tokenizer;
         LlamaConfig? initConfig = null;
@@ -82,10 +88,10 @@ internal static class TrainingRecipeRunner
 
         // ---- data
         var skipped = new List<string>();
-        var train = LoadData(r.Dataset, r, renderer, skipped);
+        var train = LoadData(r.Dataset, r, renderer, skipped, files);
         if (r.MaxSamples > 0 && train.Count > r.MaxSamples) train = train.Take(r.MaxSamples).ToList();
         var valid = new List<RenderedRecord>();
-        if (r.EvalDataset is { } evalSpec) valid = LoadData(evalSpec, r, renderer, skipped);
+        if (r.EvalDataset is { } evalSpec) valid = LoadData(evalSpec, r, renderer, skipped, files);
         else if (r.ValSize > 0)
         {
             var (t, v) = DatasetReader.Split(train, r.ValSize, (int)options.Seed);
@@ -197,14 +203,15 @@ internal static class TrainingRecipeRunner
         return report;
     }
 
-    private static List<RenderedRecord> LoadData(DatasetSpec spec, TrainingRecipe r, ChatRenderer renderer, List<string> skipped)
+    private static List<RenderedRecord> LoadData(DatasetSpec spec, TrainingRecipe r, ChatRenderer renderer, List<string> skipped,
+        IReadOnlyDictionary<(string, DatasetFormat), Dataset> files)
     {
         var list = new List<RenderedRecord>();
         if (spec.TaskWorld is { } tw)
             return TrainingData.FromRecords(tw.Records(), renderer, r.TrainOnPrompt, r.SkipBad, tw.Name, skipped);
         foreach (var file in spec.Files)
         {
-            var data = DatasetReader.Load(file, spec.Format, r.SkipBad);
+            var data = files[(file, spec.Format)];
             skipped.AddRange(data.Skipped);
             list.AddRange(TrainingData.FromRecords(data.Records, renderer, r.TrainOnPrompt, r.SkipBad, file, skipped));
         }

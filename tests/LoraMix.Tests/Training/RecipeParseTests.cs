@@ -73,7 +73,7 @@ public sealed class RecipeParseTests
 
         var badDataset = Assert.Throws<ConfigFileException>(() => Parse(Minimal.Replace("data.jsonl", "{task_world: {families: [nope]}}")));
         Assert.Equal("dataset.task_world.families", badDataset.Key);
-        var badLr = Assert.Throws<LoraMixException>(() => Parse(Minimal, "learning_rate=-1"));
+        var badLr = Assert.Throws<ConfigFileException>(() => Parse(Minimal, "learning_rate=-1"));
         Assert.Contains("learning_rate", badLr.Message);
         var badMix = Assert.Throws<ConfigFileException>(() => Parse(Minimal + "\nadapter: {type: mixlora, num_experts: 4, top_k: 5}\n"));
         Assert.Equal("adapter.top_k", badMix.Key);

@@ -339,6 +339,6 @@ public sealed class TrainerMathTests
         var both = ConfigDocument.Parse("output_dir: o\nbatch_size: 2\nper_device_train_batch_size: 4", "c.yaml");
         Assert.Contains("per_device_train_batch_size", Assert.Throws<ConfigFileException>(() => TrainingOptions.FromConfig(both)).Message);
         var bad = ConfigDocument.Parse("output_dir: o\nlearning_rate: -1", "c.yaml");
-        Assert.Contains("c.yaml: 'learning_rate'", Assert.Throws<LoraMixException>(() => TrainingOptions.FromConfig(bad)).Message);
+        Assert.Contains("c.yaml: 'learning_rate'", Assert.Throws<ConfigFileException>(() => TrainingOptions.FromConfig(bad)).Message);
     }
 }

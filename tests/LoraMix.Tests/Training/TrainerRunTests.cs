@@ -97,12 +97,27 @@ public sealed class TrainerRunTests
         var data = TrainingFixtures.RandomExamples(6, 5);
         var target = TrainingFixtures.TinyLora(out var model);
         using var _ = model;
+        // A learning rate out of range is refused before training (it used to overflow fp32 inside AdamW) ...
+        var refused = Assert.Throws<LoraMixException>(() => new Trainer(target, TrainingFixtures.Options(dir.Sub("lr")) with { LearningRate = 1e30 }));
+        Assert.Contains("'learning_rate'", refused.Message);
+        Assert.False(Directory.Exists(dir.Sub("lr")));
+        // ... and gradients that overflow (a loss scaled to 1e30 from the second call on) stop with the typed error.
         var e = Assert.Throws<TrainingDivergedException>(() =>
-            new Trainer(target, TrainingFixtures.Options(dir.Sub("lr")) with { LearningRate = 1e30, MaxSteps = 10 }).Train(data));
+            new Trainer(target, TrainingFixtures.Options(dir.Sub("lr")) with { MaxSteps = 10 }, new ScaleLoss(fromCall: 2, 1e30f)).Train(data));
         Assert.InRange(e.Step, 2, 3);
         Assert.False(double.IsFinite(e.Value));
         Assert.Contains($"step {e.Step}", e.Message);
         Assert.Contains("learning_rate", e.Message);
+    }
+
+    private sealed class ScaleLoss(int fromCall, float factor) : ITrainingObjective
+    {
+        private int _calls;
+        public ObjectiveOutput Compute(LlamaForCausalLM model, CollatedBatch batch, bool training)
+        {
+            var o = CausalLmObjective.Instance.Compute(model, batch, training);
+            return ++_calls >= fromCall ? o with { TargetLossSum = o.TargetLossSum * factor } : o;
+        }
     }
 
     private sealed class InjectInf(int atCall) : ITrainingObjective

@@ -59,7 +59,7 @@ public sealed record LoraConfig
             }
             catch (ArgumentException e)
             {
-                throw new AdapterConfigException("adapter config", "target_modules", $"is not a valid regex: {e.Message}");
+                throw new AdapterConfigException("adapter config", "target_modules", InvalidRegex(e));
             }
         }
         return TargetModules!.Any(t => modulePath == t || modulePath.EndsWith("." + t, StringComparison.Ordinal));
@@ -83,9 +83,13 @@ public sealed record LoraConfig
             if (TargetRegex.Length > MaxTargetRegexLength)
                 Fail("target_modules", $"the regex is {TargetRegex.Length} characters, more than the {MaxTargetRegexLength}-character limit");
             try { _ = new Regex($"^(?:{TargetRegex})$", RegexOptions.CultureInvariant, RegexTimeout); }
-            catch (ArgumentException e) { Fail("target_modules", $"is not a valid regex: {e.Message}"); }
+            catch (ArgumentException e) { Fail("target_modules", InvalidRegex(e)); }
         }
     }
+
+    private string InvalidRegex(ArgumentException e) =>
+        $"'{TargetRegex}' is not a valid regular expression ({e.Message}); give a regex matched against the full module name, " +
+        "a list of module names, or \"all-linear\"";
 
     /// <summary>
     /// Checks the rank against the layers it targets on a model (<see cref="LoraAdapters.TargetedLayers"/>): r must not
