@@ -341,10 +341,11 @@ public sealed record TrainingRecipe
         };
         foreach (var (key, value, min, max) in new (string, long, long, long)[]
         {
-            ("hidden_size", cfg.HiddenSize, 1, 65_536), ("intermediate_size", cfg.IntermediateSize, 1, 262_144),
-            ("num_hidden_layers", cfg.NumHiddenLayers, 1, 1_024), ("num_attention_heads", cfg.NumAttentionHeads, 1, 1_024),
-            ("num_key_value_heads", cfg.NumKeyValueHeads, 1, 1_024), ("head_dim", cfg.HeadDim, 2, 4_096),
-            ("max_position_embeddings", cfg.MaxPositionEmbeddings, 1, 1 << 20), ("vocab_size", cfg.VocabSize, 0, 1 << 24),
+            // the bounds of config.json (LlamaConfig), so that whatever pre-training writes loads again
+            ("hidden_size", cfg.HiddenSize, 1, LlamaConfig.MaxHiddenSize), ("intermediate_size", cfg.IntermediateSize, 1, LlamaConfig.MaxIntermediateSize),
+            ("num_hidden_layers", cfg.NumHiddenLayers, 1, LlamaConfig.MaxHiddenLayers), ("num_attention_heads", cfg.NumAttentionHeads, 1, LlamaConfig.MaxAttentionHeads),
+            ("num_key_value_heads", cfg.NumKeyValueHeads, 1, LlamaConfig.MaxAttentionHeads), ("head_dim", cfg.HeadDim, 2, LlamaConfig.MaxHeadDim),
+            ("max_position_embeddings", cfg.MaxPositionEmbeddings, 1, LlamaConfig.MaxPositions), ("vocab_size", cfg.VocabSize, 0, LlamaConfig.MaxVocabSize),
         })
             Range(doc, p + key, value, min, max);
         if (!(cfg.RopeTheta > 0 && cfg.RopeTheta <= 1e12))
