@@ -191,9 +191,14 @@ internal static class TrainCommands
         var adapter = new Option<string>("--adapter") { Description = "A PEFT LoRA adapter directory.", Required = true };
         var output = new Option<string>("--out", "-o") { Description = "Output directory: a Hugging Face model with the adapter folded into its weights.", Required = true };
         var dtype = new Option<string?>("--dtype") { Description = "Dtype of the merged weights: f32, bf16 or f16 (default: the base model's)." };
-        var cmd = new Command("merge", "Fold a LoRA adapter into the base weights and write a standalone Hugging Face model directory (tokenizer files copied).")
+        var overwrite = new Option<bool>("--overwrite")
         {
-            model, adapter, output, dtype,
+            Description = "Replace --out when it already exists and is not empty (the old directory is swapped out only once the new one is complete).",
+        };
+        var cmd = new Command("merge", "Fold a LoRA adapter into the base weights and write a standalone Hugging Face model directory (tokenizer files copied). " +
+                                       "The directory is built beside --out and renamed into place when complete, so a failure leaves no partial output.")
+        {
+            model, adapter, output, dtype, overwrite,
         };
         cmd.SetAction(p =>
         {
@@ -204,16 +209,36 @@ internal static class TrainCommands
                                            $"Serve it with --adapter instead (e.g. ./loramix chat --model {baseDir} --adapter {adapterDir})");
             if (Path.GetFullPath(outDir) == Path.GetFullPath(baseDir))
                 throw new LoraMixException("--out must differ from --model (the base model is not overwritten)");
+            string outFull = Path.TrimEndingDirectorySeparator(Path.GetFullPath(outDir));
+            foreach (var (flag, input) in new[] { ("--model", baseDir), ("--adapter", adapterDir) })
+                if (IsSameOrInside(Path.GetFullPath(input), outFull))
+                    throw new LoraMixException($"--out {outDir} contains {flag} {input}; replacing it would delete the input, so choose another --out");
+            if (File.Exists(outFull))
+                throw new LoraMixException($"--out {outDir} is an existing file; give a directory");
+            if (Directory.Exists(outFull) && Directory.EnumerateFileSystemEntries(outFull).Any() && !p.GetValue(overwrite))
+                throw new LoraMixException($"--out {outDir} already exists and is not empty; pass --overwrite to replace it (it is replaced only once the merged model is complete), or choose another directory");
             TorchRuntime.EnsureLoaded();
             var dt = p.GetValue(dtype) is { } d ? TorchRuntime.ParseDType(d) : (TorchSharp.torch.ScalarType?)null;
             using var m = LlamaForCausalLM.FromPretrained(baseDir);
             LoraAdapters.Load(m, adapterDir);
-            LoraAdapters.ExportMerged(m, outDir, dtype: dt);
-            var copied = TokenizerFiles.CopyTo(baseDir, outDir);
+            IReadOnlyList<string> copied = [];
+            AtomicDirectory.Write(outFull, temp =>
+            {
+                LoraAdapters.ExportMerged(m, temp, dtype: dt);
+                copied = TokenizerFiles.CopyTo(baseDir, temp);
+            }, overwrite: true);
             p.InvocationConfiguration.Output.WriteLine($"merged {adapterDir} into {baseDir}: wrote {Path.GetFullPath(outDir)}" +
                                                        (copied.Count > 0 ? $" (with {string.Join(", ", copied)})" : ""));
             return 0;
         });
         return cmd;
+    }
+
+    /// <summary>True when <paramref name="path"/> is <paramref name="directory"/> or lies below it (full paths).</summary>
+    private static bool IsSameOrInside(string path, string directory)
+    {
+        string p = Path.TrimEndingDirectorySeparator(path), d = Path.TrimEndingDirectorySeparator(directory);
+        var cmp = OperatingSystem.IsWindows() || OperatingSystem.IsMacOS() ? StringComparison.OrdinalIgnoreCase : StringComparison.Ordinal;
+        return p.Equals(d, cmp) || p.StartsWith(d + Path.DirectorySeparatorChar, cmp);
     }
 }

@@ -28,6 +28,27 @@ public class CheckpointFormatException : LoraMixException
         tensor is null ? $"{file}: {message}" : $"{file}: tensor '{tensor}': {message}";
 }
 
+/// <summary>
+/// A training checkpoint cannot be resumed: one of its files is missing, malformed, of the wrong type or shape, or disagrees
+/// with the checkpoint's other files or with the run being resumed. Raised before the file's content is used.
+/// </summary>
+public sealed class CheckpointResumeException : LoraMixException
+{
+    public CheckpointResumeException(string file, string? key, string message, Exception? inner = null)
+        : base((key is null ? $"{file}: {message}" : $"{file}: '{key}': {message}") +
+               "; resume from another checkpoint, or start the run again without resume_from_checkpoint", inner)
+    {
+        FilePath = file;
+        Key = key;
+    }
+
+    /// <summary>The offending file (or the checkpoint directory when a file is missing).</summary>
+    public string FilePath { get; }
+
+    /// <summary>The offending JSON key, metadata key or tensor, when the problem is tied to one.</summary>
+    public string? Key { get; }
+}
+
 /// <summary>A safetensors file is malformed (header, dtype, offsets, sizes).</summary>
 public sealed class SafetensorsFormatException : CheckpointFormatException
 {

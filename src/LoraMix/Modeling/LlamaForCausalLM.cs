@@ -251,16 +251,19 @@ public sealed partial class LlamaForCausalLM : nn.Module
         foreach (var (name, t) in sd) checkpoint.ReadInto(name, t);
     }
 
-    /// <summary>Writes config.json and model.safetensors (Hugging Face layout) atomically, tensor by tensor.</summary>
+    /// <summary>Writes model.safetensors and then config.json (Hugging Face layout), each file atomically, tensor by tensor.
+    /// config.json comes last, so a failure while writing the weights (e.g. a full disk) never leaves a new config.json
+    /// beside missing or older weights. For a whole directory that appears complete or not at all, write into
+    /// <see cref="AtomicDirectory.Write"/>'s temporary directory.</summary>
     public void SavePretrained(string directory, ScalarType? dtype = null)
     {
         Directory.CreateDirectory(directory);
         ScalarType dt = dtype ?? DType;
-        (Config with { TorchDtype = TorchRuntime.HfName(dt) }).Save(Path.Combine(directory, "config.json"));
         var sd = state_dict();
         var layout = sd.Select(kv => new SafetensorsTensorSpec(kv.Key, SafetensorsDTypes.FromScalarType(dt), kv.Value.shape)).ToList();
         SafetensorsCheckpoint.WriteDirectory(directory, layout, spec => sd[spec.Name].detach().to(dt),
             metadata: new Dictionary<string, string> { ["format"] = "pt" });
+        (Config with { TorchDtype = TorchRuntime.HfName(dt) }).Save(Path.Combine(directory, "config.json"));
     }
 
     protected override void Dispose(bool disposing)

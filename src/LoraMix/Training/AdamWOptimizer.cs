@@ -131,33 +131,100 @@ public sealed class AdamWOptimizer : IDisposable
         SafetensorsWriter.Write(path, tensors, meta);
     }
 
-    /// <summary>Restores the state written by <see cref="Save"/>; the parameter names and shapes must match exactly.
-    /// In mixed precision the parameters are set from the restored master copies.</summary>
-    public void Load(string path)
+    /// <summary>
+    /// Validates a state file written by <see cref="Save"/> without reading its tensors: the metadata (<c>format</c>
+    /// <c>loramix-adamw</c>, a non-negative integer <c>step</c>, equal to <paramref name="expectedStep"/> when given), and
+    /// exactly the tensors this optimizer has (<c>NAME.exp_avg</c>, <c>NAME.exp_avg_sq</c>, and <c>NAME.master</c> in mixed
+    /// precision), each F32 with its parameter's shape. Returns the step.
+    /// </summary>
+    /// <exception cref="CheckpointFormatException">The file is missing, malformed, not an AdamW state, or of another step.</exception>
+    /// <exception cref="StateDictMismatchException">Missing, unexpected, mis-shaped or non-F32 tensors (all listed).</exception>
+    public long Check(string path, long? expectedStep = null)
     {
-        using var reader = SafetensorsReader.Open(path);
+        using var reader = OpenState(path);
+        return Check(reader, expectedStep);
+    }
+
+    private long Check(SafetensorsReader reader, long? expectedStep)
+    {
+        string path = reader.FilePath;
         if (!reader.Metadata.TryGetValue("format", out var fmt) || fmt != "loramix-adamw" || !reader.Metadata.TryGetValue("step", out var stepText))
             throw new CheckpointFormatException(path, null, "not a LoraMix AdamW state (metadata 'format' must be 'loramix-adamw' with a 'step')");
-        var expected = new Dictionary<string, (Tensor T, long[] Shape)>(StringComparer.Ordinal);
-        foreach (var s in _slots)
-        {
-            expected[s.P.Name + ".exp_avg"] = (s.ExpAvg, s.ExpAvg.shape);
-            expected[s.P.Name + ".exp_avg_sq"] = (s.ExpAvgSq, s.ExpAvgSq.shape);
-            if (s.Master is not null) expected[s.P.Name + ".master"] = (s.Master, s.Master.shape);
-        }
+        if (!long.TryParse(stepText, NumberStyles.None, CultureInfo.InvariantCulture, out long step))
+            throw new CheckpointFormatException(path, null, $"metadata 'step' is '{Clip(stepText)}', expected a non-negative integer (the number of updates applied)");
+        if (expectedStep is long want && step != want)
+            throw new CheckpointFormatException(path, null, $"metadata 'step' is {step} but the checkpoint is at global_step {want}; the files do not belong together");
+        var expected = Expected();
         var names = reader.Entries.Select(e => e.Name).ToHashSet(StringComparer.Ordinal);
         var missing = expected.Keys.Where(k => !names.Contains(k)).ToList();
         var unexpected = names.Where(n => !expected.ContainsKey(n)).Order(StringComparer.Ordinal).ToList();
-        var misshaped = expected.Where(kv => names.Contains(kv.Key) && !reader.GetEntry(kv.Key).Shape.SequenceEqual(kv.Value.Shape))
-            .Select(kv => $"{kv.Key}: file {Safetensors.FormatShape(reader.GetEntry(kv.Key).Shape)} vs optimizer {Safetensors.FormatShape(kv.Value.Shape)}").ToList();
+        var misshaped = new List<string>();
+        foreach (var (name, t) in expected)
+        {
+            if (!reader.TryGetEntry(name, out var entry)) continue;
+            if (!entry.Shape.SequenceEqual(t.shape))
+                misshaped.Add($"{name}: file {Safetensors.FormatShape(entry.Shape)} vs optimizer {Safetensors.FormatShape(t.shape)}");
+            else if (entry.DType != SafetensorsDType.F32)
+                misshaped.Add($"{name}: file dtype {SafetensorsDTypes.ToName(entry.DType)} vs optimizer F32");
+        }
         if (missing.Count + unexpected.Count + misshaped.Count > 0)
             throw new StateDictMismatchException(path, missing, unexpected, misshaped);
+        return step;
+    }
+
+    /// <summary>Restores the state written by <see cref="Save"/>, validated first as <see cref="Check(string, long?)"/> does;
+    /// every value must be finite and second moments non-negative. In mixed precision the parameters are set from the
+    /// restored master copies, only once every tensor has been read and checked. If this throws, the optimizer's moments
+    /// are unspecified (discard the optimizer) but the parameters are untouched.</summary>
+    public void Load(string path, long? expectedStep = null)
+    {
+        using var reader = OpenState(path);
+        long step = Check(reader, expectedStep);
         using var noGrad = no_grad();
-        foreach (var (name, (t, _)) in expected) reader.ReadInto(name, t);
+        foreach (var (name, t) in Expected())
+        {
+            reader.ReadInto(name, t);
+            using var finite = t.isfinite().all();
+            if (!finite.item<bool>())
+                throw new CheckpointFormatException(path, name, "holds NaN or infinite values; the optimizer state is corrupt");
+            if (name.EndsWith(".exp_avg_sq", StringComparison.Ordinal))
+            {
+                using var negative = t.lt(0).any();
+                if (negative.item<bool>())
+                    throw new CheckpointFormatException(path, name, "holds negative values; a second moment (a mean of squared gradients) cannot be negative");
+            }
+        }
         foreach (var s in _slots)
             if (s.Master is not null) s.P.Parameter.copy_(s.Master);
-        StepCount = long.Parse(stepText, CultureInfo.InvariantCulture);
+        StepCount = step;
     }
+
+    private Dictionary<string, Tensor> Expected()
+    {
+        var expected = new Dictionary<string, Tensor>(StringComparer.Ordinal);
+        foreach (var s in _slots)
+        {
+            expected[s.P.Name + ".exp_avg"] = s.ExpAvg;
+            expected[s.P.Name + ".exp_avg_sq"] = s.ExpAvgSq;
+            if (s.Master is not null) expected[s.P.Name + ".master"] = s.Master;
+        }
+        return expected;
+    }
+
+    private static SafetensorsReader OpenState(string path)
+    {
+        if (!File.Exists(path)) throw new CheckpointFormatException(path, null, "not found; is this a complete checkpoint directory?");
+        try
+        {
+            return SafetensorsReader.Open(path);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new CheckpointFormatException(path, null, $"cannot be read: {e.Message}", e);
+        }
+    }
+
+    private static string Clip(string s) => s.Length <= 40 ? s : s[..40] + "...";
 
     public void Dispose()
     {

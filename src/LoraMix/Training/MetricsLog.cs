@@ -55,7 +55,7 @@ public sealed class MetricsLog : IDisposable
             {
                 if (JsonNode.Parse(line) is JsonObject o && o["step"] is JsonValue v && v.GetValue<int>() <= step) sb.Append(line).Append('\n');
             }
-            catch (Exception e) when (e is JsonException or InvalidOperationException or FormatException) { }
+            catch (Exception e) when (e is JsonException or InvalidOperationException or FormatException or ArgumentException) { }   // duplicate keys: ArgumentException
         }
         AtomicFile.WriteAllText(path, sb.ToString());
     }

@@ -38,6 +38,9 @@ public sealed record TrainingResult(int GlobalStep, int StartStep, int TotalStep
 /// <para><b>Divergence.</b> A non-finite loss (checked per micro-batch, before backward) or gradient norm (before
 /// clipping) throws <see cref="TrainingDivergedException"/> without applying the update and without writing a checkpoint
 /// for that step.</para>
+/// <para><b>Output directory.</b> Checkpoints are written into hidden temporary directories and renamed into place; at the
+/// start of a run, temporaries that a killed earlier run left in <c>output_dir</c> are removed (see
+/// <see cref="StaleTemporaries"/>). Resume validates every file of the checkpoint before using any of it.</para>
 /// <para><b>Memory.</b> Each step runs in its own dispose scope; the live tensor count is flat across steps (tested).</para>
 /// </remarks>
 public sealed partial class Trainer
@@ -111,6 +114,8 @@ public sealed partial class Trainer
         var schedule = LrSchedule.For(_options, totalSteps);
         string outDir = Path.GetFullPath(_options.OutputDir);
         Directory.CreateDirectory(outDir);
+        // temporaries of an earlier run of this directory that was killed mid-save (only LoraMix's own names, only of dead processes)
+        var staleTemporaries = StaleTemporaries.Remove(outDir);
 
         using var optimizer = new AdamWOptimizer(_target.Parameters, _options.AdamBeta1, _options.AdamBeta2, _options.AdamEpsilon, _options.WeightDecay);
         var run = new RunState();
@@ -139,6 +144,8 @@ public sealed partial class Trainer
         _progress.Started(new TrainingPlan(totalSteps, startStep, stepsPerEpoch, train.Count, valid.Count, _target.Description, outDir));
         try
         {
+            if (staleTemporaries.Count > 0)
+                _progress.Info($"removed {staleTemporaries.Count} temporary file(s) left in {outDir} by an interrupted save: {string.Join(", ", staleTemporaries.Select(Path.GetFileName))}");
             if (droppedTrain > 0) _progress.Info($"{droppedTrain} training example(s) had no target token within cutoff_len {_options.CutoffLen} and were skipped");
             if (resumeDir is not null) _progress.Info($"resumed from {resumeDir} at step {startStep}");
             Model.train();

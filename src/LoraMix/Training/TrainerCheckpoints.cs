@@ -29,10 +29,12 @@ public sealed partial class Trainer
         public List<JsonObject> LogHistory { get; } = [];
         public List<(int Step, double Loss)> TrainPoints { get; } = [];
         public List<(int Step, double Loss)> EvalPoints { get; } = [];
+        /// <summary>The lowest eval loss so far (best_metric).</summary>
         public double? BestMetric { get; set; }
+        /// <summary>The step of that evaluation (best_global_step).</summary>
         public int? BestStep { get; set; }
+        /// <summary>checkpoint-BestStep once that checkpoint exists (best_model_checkpoint), as Hugging Face sets it.</summary>
         public string? BestCheckpoint { get; set; }
-        public EvalMetrics? LatestEval { get; set; }
         public long TokensSeen { get; set; }
         public string? LastCheckpoint { get; set; }
         public int LastSavedStep { get; set; } = -1;
@@ -55,8 +57,8 @@ public sealed partial class Trainer
         public void RecordEval(EvalMetrics e)
         {
             EvalPoints.Add((e.Step, e.Loss));
-            LatestEval = e;
-            if (BestMetric is null || e.Loss < BestMetric)
+            // Hugging Face's Trainer with its default metric_for_best_model: the eval loss, lower is better, strictly
+            if (double.IsFinite(e.Loss) && (BestMetric is null || BestStep is null || e.Loss < BestMetric))
             {
                 BestMetric = e.Loss;
                 BestStep = e.Step;
@@ -91,6 +93,9 @@ public sealed partial class Trainer
         return dir;
     }
 
+    private static string CheckpointPath(string outDir, int step) =>
+        Path.Combine(outDir, CheckpointPrefix + step.ToString(CultureInfo.InvariantCulture));
+
     /// <summary>The complete checkpoints in a directory, by increasing step.</summary>
     public static IReadOnlyList<(int Step, string Path)> ListCheckpoints(string outputDir)
     {
@@ -108,13 +113,17 @@ public sealed partial class Trainer
     /// <summary>
     /// Writes <c>checkpoint-STEP/</c>: the weights (the target's save delegate), optimizer state, schedule, RNG state,
     /// trainer_state.json (last) and training_args.json. Every file is written atomically into a hidden temporary
-    /// directory that is renamed into place when complete, so a crash never leaves a partial checkpoint under the
-    /// final name. Then applies save_total_limit (never deleting the best checkpoint).
+    /// directory (<c>.checkpoint-STEP.PID.GUID.tmp</c>) that is renamed into place when complete (an existing
+    /// checkpoint-STEP is swapped out only then), so a crash never leaves a partial checkpoint under the final name.
     /// </summary>
+    /// <remarks>As Hugging Face's Trainer: best_model_checkpoint becomes checkpoint-B, B the step of the best evaluation
+    /// (lowest eval loss) so far, once that checkpoint exists — never a later checkpoint whose weights were not evaluated.
+    /// save_total_limit then deletes the oldest checkpoints, never the best one nor the one just written (with a limit
+    /// of 1 and an older best, two are kept).</remarks>
     private string SaveCheckpoint(string outDir, int step, AdamWOptimizer optimizer, RunState run, int sequences, int stepsPerEpoch, LrSchedule schedule)
     {
-        string final = Path.Combine(outDir, CheckpointPrefix + step.ToString(CultureInfo.InvariantCulture));
-        string temp = Path.Combine(outDir, $".{CheckpointPrefix}{step}.{Guid.NewGuid():N}.tmp");
+        string final = CheckpointPath(outDir, step);
+        string temp = Path.Combine(outDir, StaleTemporaries.NameFor(Path.GetFileName(final), StaleTemporaries.TempSuffix));
         Directory.CreateDirectory(temp);
         try
         {
@@ -143,27 +152,31 @@ public sealed partial class Trainer
                 });
             }
             AtomicFile.WriteAllText(Path.Combine(temp, ArgsFile), _options.ToJson());
-            if (run.LatestEval is { } e && e.Step <= step && run.BestStep == e.Step) run.BestCheckpoint = final;
+            if (run.BestStep is int best)
+            {
+                string bestDir = CheckpointPath(outDir, best);
+                if (best == step || Directory.Exists(bestDir)) run.BestCheckpoint = bestDir;
+            }
             AtomicFile.WriteAllText(Path.Combine(temp, StateFile), TrainerState(run, step, schedule.TotalSteps, stepsPerEpoch).ToJsonString(JsonIndented));
-            if (Directory.Exists(final)) Directory.Delete(final, recursive: true);
-            Directory.Move(temp, final);
         }
         catch
         {
-            try { Directory.Delete(temp, recursive: true); } catch (IOException) { } catch (UnauthorizedAccessException) { }
+            AtomicDirectory.TryDelete(temp);
             throw;
         }
+        AtomicDirectory.Replace(temp, final);
         run.LastCheckpoint = final;
         run.LastSavedStep = step;
         _progress.Info($"checkpoint written: {final}");
         if (_options.SaveTotalLimit > 0)
         {
             var all = ListCheckpoints(outDir);
+            string? bestPath = run.BestCheckpoint is null ? null : Path.GetFullPath(run.BestCheckpoint);
             int excess = all.Count - _options.SaveTotalLimit;
             foreach (var (_, path) in all)
             {
                 if (excess <= 0) break;
-                if (path == run.BestCheckpoint || path == final) continue;
+                if (path == bestPath || path == Path.GetFullPath(final)) continue;
                 Directory.Delete(path, recursive: true);
                 excess--;
             }
@@ -173,7 +186,7 @@ public sealed partial class Trainer
 
     private JsonObject TrainerState(RunState run, int globalStep, int maxSteps, int stepsPerEpoch) => new()
     {
-        ["best_global_step"] = run.BestCheckpoint is null ? null : run.BestStep,
+        ["best_global_step"] = run.BestMetric is null ? null : run.BestStep,
         ["best_metric"] = run.BestMetric is double b ? MetricsLog.Num(b) : null,
         ["best_model_checkpoint"] = run.BestCheckpoint,
         ["epoch"] = MetricsLog.Num(Math.Round(globalStep / (double)stepsPerEpoch, 6)),
@@ -194,65 +207,4 @@ public sealed partial class Trainer
         ["trial_name"] = null,
         ["trial_params"] = null,
     };
-
-    /// <summary>Restores weights, optimizer, RNG and trainer state from a checkpoint; returns its global step.</summary>
-    private int RestoreCheckpoint(string dir, AdamWOptimizer optimizer, RunState run, int sequences, int stepsPerEpoch, LrSchedule schedule)
-    {
-        JsonObject state;
-        try
-        {
-            state = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, StateFile))) as JsonObject
-                    ?? throw new CheckpointFormatException(Path.Combine(dir, StateFile), null, "expected a JSON object");
-        }
-        catch (JsonException e)
-        {
-            throw new CheckpointFormatException(Path.Combine(dir, StateFile), null, $"not valid JSON: {e.Message}", e);
-        }
-        int step = state["global_step"]?.GetValue<int>() ?? throw new CheckpointFormatException(Path.Combine(dir, StateFile), null, "no global_step");
-
-        string rngPath = Path.Combine(dir, RngFile);
-        using (var reader = SafetensorsReader.Open(rngPath))
-        {
-            int savedSequences = int.Parse(reader.Metadata.GetValueOrDefault("train_sequences", "-1"), CultureInfo.InvariantCulture);
-            int savedPerEpoch = int.Parse(reader.Metadata.GetValueOrDefault("steps_per_epoch", "-1"), CultureInfo.InvariantCulture);
-            long savedSeed = long.Parse(reader.Metadata.GetValueOrDefault("seed", "0"), CultureInfo.InvariantCulture);
-            if (savedSequences != sequences || savedPerEpoch != stepsPerEpoch)
-                throw new LoraMixException($"cannot resume from {dir}: it was written for {savedSequences} training sequences and {savedPerEpoch} steps per epoch, " +
-                                           $"this run has {sequences} and {stepsPerEpoch}; resume needs the same data, cutoff_len, packing, batch_size and gradient_accumulation_steps");
-            if (savedSeed != _options.Seed)
-                throw new LoraMixException($"cannot resume from {dir}: it was written with seed {savedSeed}, this run has seed {_options.Seed} (the data order depends on it)");
-            using var rng = reader.ReadTensor("torch_cpu");
-            random.set_rng_state(rng);
-        }
-        _target.LoadWeights(dir);
-        optimizer.Load(Path.Combine(dir, OptimizerFile));
-        if (optimizer.StepCount != step)
-            throw new CheckpointFormatException(Path.Combine(dir, OptimizerFile), null, $"optimizer step {optimizer.StepCount} differs from global_step {step}");
-
-        string schedPath = Path.Combine(dir, SchedulerFile);
-        if (File.Exists(schedPath) && JsonNode.Parse(File.ReadAllText(schedPath)) is JsonObject sched)
-        {
-            var saved = new LrSchedule((string?)sched["lr_scheduler"] ?? "", (double?)sched["base_lr"] ?? 0, (int?)sched["warmup_steps"] ?? 0, (int?)sched["total_steps"] ?? 0);
-            if (saved != schedule)
-                _progress.Info($"note: the learning-rate schedule differs from the checkpoint's ({saved.Name}, lr {saved.BaseLearningRate:G4}, warm-up {saved.WarmupSteps}, {saved.TotalSteps} steps); continuing with this run's ({schedule.Name}, lr {schedule.BaseLearningRate:G4}, warm-up {schedule.WarmupSteps}, {schedule.TotalSteps} steps)");
-        }
-
-        foreach (var entry in state["log_history"]?.AsArray() ?? [])
-        {
-            if (entry is not JsonObject o || o["step"] is null || (int)o["step"]! > step) continue;
-            run.LogHistory.Add((JsonObject)o.DeepClone());
-            int s = (int)o["step"]!;
-            if (o["loss"] is JsonValue l) run.TrainPoints.Add((s, (double)l));
-            if (o["eval_loss"] is JsonValue ev) run.EvalPoints.Add((s, (double)ev));
-        }
-        run.BestMetric = (double?)state["best_metric"];
-        run.BestStep = (int?)state["best_global_step"];
-        run.BestCheckpoint = (string?)state["best_model_checkpoint"];
-        if (run.BestMetric is double bm && run.BestStep is null)
-            run.BestStep = run.EvalPoints.Where(p => p.Loss == bm).Select(p => (int?)p.Step).FirstOrDefault();
-        run.TokensSeen = (long?)state["num_input_tokens_seen"] ?? 0;
-        run.LastCheckpoint = dir;
-        run.LastSavedStep = step;
-        return step;
-    }
 }

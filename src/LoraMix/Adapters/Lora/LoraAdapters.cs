@@ -195,7 +195,8 @@ public static class LoraAdapters
 
     /// <summary>
     /// Writes a merged Hugging Face checkpoint (base weights + the adapter's update) to <paramref name="directory"/>,
-    /// tensor by tensor, without modifying the in-memory model.
+    /// tensor by tensor, without modifying the in-memory model: the weights first, config.json last, each file atomically.
+    /// <c>loramix merge</c> calls it inside <see cref="AtomicDirectory.Write"/>, so its output directory is complete or absent.
     /// </summary>
     public static void ExportMerged(LlamaForCausalLM model, string directory, string adapterName = "default", ScalarType? dtype = null)
     {
@@ -207,7 +208,6 @@ public static class LoraAdapters
         var baseKeys = ModelPresets.Layout(model.Config).Select(e => e.Name).ToHashSet();
         var sd = model.state_dict().Where(kv => baseKeys.Contains(kv.Key)).ToDictionary(kv => kv.Key, kv => kv.Value);
         Directory.CreateDirectory(directory);
-        (model.Config with { TorchDtype = Torch.TorchRuntime.HfName(dt) }).Save(Path.Combine(directory, "config.json"));
         var layout = ModelPresets.Layout(model.Config)
             .Select(e => new SafetensorsTensorSpec(e.Name, SafetensorsDTypes.FromScalarType(dt), e.Shape)).ToList();
         SafetensorsCheckpoint.WriteDirectory(directory, layout, spec =>
@@ -216,5 +216,6 @@ public static class LoraAdapters
             var w = sd[spec.Name].detach();
             return deltas.TryGetValue(spec.Name, out var d) ? (w.to(ScalarType.Float32) + d.DeltaWeight().to(ScalarType.Float32)).to(dt) : w.to(dt);
         }, metadata: new Dictionary<string, string> { ["format"] = "pt" });
+        (model.Config with { TorchDtype = Torch.TorchRuntime.HfName(dt) }).Save(Path.Combine(directory, "config.json"));
     }
 }
