@@ -57,6 +57,7 @@ public sealed class ConfigDocument
     public static ConfigDocument Load(string path, IEnumerable<string>? overrides = null)
     {
         ArgumentNullException.ThrowIfNull(path);
+        InputFiles.RequireRegular(path, reason => new ConfigFileException(path, "(file)", reason));
         if (!File.Exists(path)) throw new ConfigFileException(path, "(file)", "not found");
         byte[] bytes;
         try

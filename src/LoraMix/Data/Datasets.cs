@@ -92,6 +92,7 @@ public static class DatasetReader
     public static Dataset Load(string path, DatasetFormat format = DatasetFormat.Auto, bool skipBad = false)
     {
         ArgumentNullException.ThrowIfNull(path);
+        InputFiles.RequireRegular(path, reason => new DatasetFileException(path, 0, reason));
         if (!File.Exists(path)) throw new DatasetFileException(path, 0, "file not found");
         var skipped = new List<string>();
         var records = new List<DatasetRecord>();

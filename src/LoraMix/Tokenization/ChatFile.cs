@@ -33,6 +33,7 @@ public static class ChatFile
     public static IReadOnlyList<ChatMessage> Load(string path)
     {
         ArgumentNullException.ThrowIfNull(path);
+        InputFiles.RequireRegular(path, reason => new ChatFileException(path, null, reason));
         byte[] bytes;
         try
         {

@@ -106,6 +106,27 @@ public sealed class InputFilesTests : IDisposable
     }
 
     [UnixFact]
+    public void UserFileLoaders_RefuseFifosAndDevices_NamingThePath()
+    {
+        foreach (var name in new[] { "chat.json", "data.jsonl", "data.txt", "recipe.yaml" })
+        {
+            string fifo = _dir.File("fifo-" + name);
+            Fifo(fifo);
+            Exception e = name switch
+            {
+                "chat.json" => Refuses<LoraMix.Tokenization.ChatFileException>(() => LoraMix.Tokenization.ChatFile.Load(fifo)),
+                "recipe.yaml" => Refuses<LoraMix.Configuration.ConfigFileException>(() => LoraMix.Configuration.ConfigDocument.Load(fifo)),
+                _ => Refuses<LoraMix.Data.DatasetFileException>(() => LoraMix.Data.DatasetReader.Load(fifo)),
+            };
+            Assert.Contains(fifo, e.Message);
+            Assert.Contains("FIFO", e.Message);
+        }
+        string zero = _dir.File("zero.jsonl");
+        File.CreateSymbolicLink(zero, "/dev/zero");
+        Assert.Contains("character device", Refuses<LoraMix.Data.DatasetFileException>(() => LoraMix.Data.DatasetReader.Load(zero)).Message);
+    }
+
+    [UnixFact]
     public void TokenizerLoaders_RefuseFifos()
     {
         foreach (var name in new[] { "tokenizer.json", "tokenizer.model" })
