@@ -4,6 +4,7 @@ using System.Text;
 using System.Text.Encodings.Web;
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using LoraMix.Adapters.Lora;
 using LoraMix.Adapters.MixLora;
 using LoraMix.Configuration;
 using LoraMix.Data;
@@ -196,14 +197,17 @@ public sealed record SecurityEvalOptions
         if (Styles.Count == 0) return ("styles", "at least one style is needed");
         (string, int, bool)[] ints =
         [
-            ("test_clean", TestClean, TestClean >= 1), ("test_injected_per_case", TestInjectedPerCase, TestInjectedPerCase >= 1),
-            ("num_experts", NumExperts, NumExperts >= 2), ("top_k", TopK, TopK >= 1 && TopK <= NumExperts), ("r", Rank, Rank >= 1),
-            ("steps", Steps, Steps >= 1), ("batch_size", BatchSize, BatchSize >= 2), ("max_new_tokens", MaxNewTokens, MaxNewTokens >= 1),
+            ("test_clean", TestClean, TestClean is >= 1 and <= 100_000),
+            ("test_injected_per_case", TestInjectedPerCase, TestInjectedPerCase is >= 1 and <= 100_000),
+            ("num_experts", NumExperts, NumExperts >= 2 && NumExperts <= MixLoraConfig.MaxExperts), ("top_k", TopK, TopK >= 1 && TopK <= NumExperts),
+            ("r", Rank, Rank is >= 1 and <= LoraConfig.MaxRank), ("steps", Steps, Steps is >= 1 and <= 10_000_000),
+            ("batch_size", BatchSize, BatchSize is >= 2 and <= 65_536), ("max_new_tokens", MaxNewTokens, MaxNewTokens is >= 1 and <= 1_048_576),
+            ("seed", (int)Math.Clamp(Seed, int.MinValue, int.MaxValue), Seed is >= 0 and <= int.MaxValue),
         ];
         foreach (var (key, value, ok) in ints)
             if (!ok) return (key, string.Create(CultureInfo.InvariantCulture, $"out of range: {value}"));
-        if (!(LearningRate > 0 && double.IsFinite(LearningRate)))
-            return ("learning_rate", string.Create(CultureInfo.InvariantCulture, $"must be positive, got {LearningRate}"));
+        if (!(LearningRate > 0 && LearningRate <= 1))
+            return ("learning_rate", string.Create(CultureInfo.InvariantCulture, $"must be in (0, 1] (as in recipes), got {LearningRate}"));
         try { TorchRuntime.ParseDevice(Device); }
         catch (Exception e) when (e is ArgumentException or LoraMixException) { return ("device", e.Message); }
         return null;

@@ -103,8 +103,8 @@ public sealed class TokenGenerator
     /// the last step's labels and <see cref="RoutingContext.PolicyState"/> the final state.
     /// </summary>
     /// <remarks>The trace holds, per row, the prompt tokens then each generated token as it was fed back; the last
-    /// sampled token is never run through the model (nothing follows it), and a row that stopped early keeps being
-    /// stepped (its extra tokens are traced too): cut at the prompt length plus <see cref="GeneratedSequence.Tokens"/>.</remarks>
+    /// sampled token is never run through the model (nothing follows it), and a row that finished while others go on is
+    /// fed as padding (not traced, its position does not advance): its trace ends with its last fed-back token.</remarks>
     /// <exception cref="ContextLengthException">A prompt has <c>max_position_embeddings</c> tokens or more (checked before
     /// any forward pass). Longer requests are clamped instead: see <see cref="GenerationOptions.MaxNewTokens"/>.</exception>
     /// <exception cref="KvCacheLimitException">The KV cache would exceed <see cref="GenerationOptions.MaxKvCacheBytes"/>
@@ -228,6 +228,9 @@ public sealed class TokenGenerator
                 if (outputs[i].Count == budget[i]) done[i] = true;   // finish stays Length
             }
             if (done.All(d => d)) break;
+            // A finished row is fed as padding from now on: its position does not advance past its own context budget,
+            // and nothing of it is traced or routed as a real token.
+            if (done.Any(d => d)) attn = tensor(done.Select(d => d ? 0L : 1L).ToArray(), [batch, 1], device: device);
         }
         return Results();
 

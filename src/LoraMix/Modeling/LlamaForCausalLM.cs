@@ -126,6 +126,10 @@ public sealed partial class LlamaForCausalLM : nn.Module
             for (int i = 0; i < b; i++) realCounts[i] = counts[i].item<long>();
         }
         long maxPos = positions.max().item<long>();
+        if (maxPos >= Config.MaxPositionEmbeddings)
+            throw new ContextLengthException((int)Math.Min(maxPos + 1, int.MaxValue), Config.MaxPositionEmbeddings,
+                $"position {maxPos} is past the model's context of {Config.MaxPositionEmbeddings} tokens (max_position_embeddings in " +
+                "config.json): the sequence, with what the KV cache already holds, is too long; shorten or truncate it");
 
         long start = 0;
         bool padded = mask is not null;

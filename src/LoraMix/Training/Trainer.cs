@@ -67,7 +67,9 @@ public sealed partial class Trainer
         _options = options;
         _objective = objective ?? CausalLmObjective.Instance;
         _progress = progress ?? TrainingProgress.None;
-        _collator = new DataCollator(options.CutoffLen, options.PadTokenId, options.Packing);
+        // Sequences are cut at cutoff_len and never past the model's context (max_position_embeddings), as a tokenizer's
+        // model_max_length truncation does: positions beyond it were never trained and the model refuses them.
+        _collator = new DataCollator(Math.Min(options.CutoffLen, target.Model.Config.MaxPositionEmbeddings), options.PadTokenId, options.Packing);
     }
 
     public TrainingOptions Options => _options;
@@ -356,7 +358,7 @@ public sealed partial class Trainer
         ArgumentNullException.ThrowIfNull(examples);
         ArgumentOutOfRangeException.ThrowIfLessThan(batchSize, 1);
         for (int i = 0; i < examples.Count; i++) examples[i].Validate(i, model.Config.VocabSize, "evaluation data");
-        var collator = new DataCollator(cutoffLen, padTokenId);
+        var collator = new DataCollator(Math.Min(cutoffLen, model.Config.MaxPositionEmbeddings), padTokenId);
         var prepared = collator.Prepare(examples, out _);
         if (prepared.Count == 0) throw new LoraMixException($"no evaluation example has a target token within cutoff_len {cutoffLen}");
         return EvaluateBatches(model, collator, objective ?? CausalLmObjective.Instance, prepared, batchSize, 0, 0);

@@ -107,7 +107,7 @@ public sealed class AdapterBoundsTests : IDisposable
         }
         Assert.Contains("num_experts", Parse("adapter.type=mixlora", "adapter.num_experts=100000000").Message);
         Assert.Contains("top_k", Parse("adapter.type=mixlora", "adapter.num_experts=4", "adapter.top_k=5").Message);
-        Assert.Contains("'r'", Parse("adapter.r=1000000000").Message);
+        Assert.Contains("'adapter.r'", Parse("adapter.r=1000000000").Message);
     }
 
     [Fact]

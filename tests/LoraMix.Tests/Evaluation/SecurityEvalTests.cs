@@ -71,6 +71,15 @@ public sealed class SecurityEvalTests
         var range = CliRun.Run("security-eval", "--config", Config(dir, "unused"), "--set", "top_k=9");
         Assert.NotEqual(0, range.Code);
         Assert.Contains("'top_k': out of range: 9", range.Err + range.Out);
+        // the bounds of recipes and adapter configs apply here too, before anything is written
+        foreach (var (set, key) in new[] { ("learning_rate=1e300", "learning_rate"), ("seed=-1", "seed"), ("r=1000000", "r"),
+                                           ("num_experts=100000000", "num_experts"), ("batch_size=10000000", "batch_size") })
+        {
+            var big = CliRun.Run("security-eval", "--config", Config(dir, "unused"), "--set", set);
+            Assert.NotEqual(0, big.Code);
+            Assert.Contains($"'{key}'", big.Err + big.Out);
+            Assert.False(Directory.Exists(dir.Sub("out")), set);
+        }
         var ise = CliRun.Run("security-eval", "--config", Config(dir, "unused"), "--set", "privilege_embedding=[false, maybe]");
         Assert.NotEqual(0, ise.Code);
         Assert.Contains("privilege_embedding", ise.Err + ise.Out);
