@@ -116,12 +116,13 @@ internal static class MixLoraBench
         loraModel.eval();
         mixModel.eval();
         var prompt = Enumerable.Range(0, promptLen).Select(i => 3 + (i * 7) % 1000).ToArray();
-        var decodeVariants = new List<(string Key, string Label, LlamaForCausalLM Model, Action Select)>
+        var adapter = AdapterSelection.Of("default");
+        var decodeVariants = new List<(string Key, string Label, LlamaForCausalLM Model, AdapterSelection? Adapters, Action Select)>
         {
-            ("base", "base (LoRA model, adapter off)", loraModel, () => LoraAdapters.SetActive(loraModel)),
-            ("lora", "base + LoRA (unmerged)", loraModel, () => LoraAdapters.SetActive(loraModel, "default")),
-            ("mixlora_sparse", "MixLoRA, sparse dispatch", mixModel, () => MixLoraAdapters.SetDispatch(mixModel, MixLoraDispatch.Sparse)),
-            ("mixlora_dense", "MixLoRA, dense dispatch", mixModel, () => MixLoraAdapters.SetDispatch(mixModel, MixLoraDispatch.Dense)),
+            ("base", "base (LoRA model, adapter off)", loraModel, null, () => { }),
+            ("lora", "base + LoRA (unmerged)", loraModel, adapter, () => { }),
+            ("mixlora_sparse", "MixLoRA, sparse dispatch", mixModel, adapter, () => MixLoraAdapters.SetDispatch(mixModel, MixLoraDispatch.Sparse)),
+            ("mixlora_dense", "MixLoRA, dense dispatch", mixModel, adapter, () => MixLoraAdapters.SetDispatch(mixModel, MixLoraDispatch.Dense)),
         };
         var shortOpts = new GenerationOptions { MaxNewTokens = 1, Temperature = 0, StopAtEos = false };
         var longOpts = shortOpts with { MaxNewTokens = newTokens + 1 };
@@ -130,7 +131,7 @@ internal static class MixLoraBench
         foreach (var v in decodeVariants)   // warm-up
         {
             v.Select();
-            new TokenGenerator(v.Model).Generate(prompt, longOpts);
+            new TokenGenerator(v.Model).Generate(prompt, longOpts with { Adapters = v.Adapters });
         }
         for (int r = 0; r < decodeReps; r++)
         {
@@ -139,11 +140,10 @@ internal static class MixLoraBench
             {
                 v.Select();
                 var gen = new TokenGenerator(v.Model);
-                shortT[v.Key].Add(Time(() => gen.Generate(prompt, shortOpts)));
-                longT[v.Key].Add(Time(() => gen.Generate(prompt, longOpts)));
+                shortT[v.Key].Add(Time(() => gen.Generate(prompt, shortOpts with { Adapters = v.Adapters })));
+                longT[v.Key].Add(Time(() => gen.Generate(prompt, longOpts with { Adapters = v.Adapters })));
             }
         }
-        LoraAdapters.SetActive(loraModel, "default");
         MixLoraAdapters.SetDispatch(mixModel, MixLoraDispatch.Sparse);
 
         var decode = new JsonObject();

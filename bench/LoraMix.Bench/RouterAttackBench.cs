@@ -222,7 +222,7 @@ internal static class RouterAttackBench
         using var scope = NewDisposeScope();
         using var routing = new RoutingContext { Policy = policy, Trace = new RoutingTrace() };
         routing.SetPrivileges([labels]);
-        using (no_grad()) model.Forward(tensor(ids.Select(x => (long)x).ToArray(), [1, ids.Count]), routing: routing);
+        using (no_grad()) model.Forward(tensor(ids.Select(x => (long)x).ToArray(), [1, ids.Count]), routing: routing, adapters: AdapterSelection.Of("default"));
         return routing.Trace!.Row(0);
     }
 }

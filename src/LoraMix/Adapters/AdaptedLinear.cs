@@ -9,16 +9,20 @@ namespace LoraMix.Adapters;
 /// <summary>
 /// A linear layer with a frozen base weight and any number of named LoRA deltas. Its own parameters keep the Hugging Face
 /// names (<c>weight</c>, <c>bias</c>), so the base model's state dict is unchanged; deltas live under
-/// <c>lora.&lt;adapter&gt;.lora_A|lora_B</c>. The forward pass is <c>x·Wᵀ + b + Σ_active delta(x)</c>; merged deltas are
-/// folded into W and skipped.
+/// <c>lora.&lt;adapter&gt;.lora_A|lora_B</c>. Which deltas run is not state of the layer: it reads the forward call's
+/// per-row selection (<see cref="ForwardContext.Adapters"/>). The forward pass is <c>x·Wᵀ + b</c> plus, for each adapter
+/// some row selects, <c>weight · delta(x)</c> on the rows that select it: the adapter's two matmuls run once per call
+/// over its rows (gathered with <c>index_select</c>, added back with <c>index_add</c>; no gather when every row selects
+/// it). Merged deltas are folded into W, for every row, and skipped.
 /// </summary>
-public sealed class AdaptedLinear : nn.Module<Tensor, Tensor>
+/// <remarks>Not thread-safe for structural changes (adding, removing, merging); forward calls with different selections
+/// share nothing mutable.</remarks>
+public sealed class AdaptedLinear : LinearSlot
 {
     [ComponentName(Name = "weight")] private readonly Parameter _weight;
     [ComponentName(Name = "bias")] private readonly Parameter? _bias;
     [ComponentName(Name = "lora")] private readonly NamedModules<LoraDelta> _deltas = new();
     private readonly HashSet<string> _merged = new(StringComparer.Ordinal);
-    private IReadOnlyList<string> _active = [];
 
     /// <summary>Wraps a dense layer, taking over its weight and bias tensors (no copy).</summary>
     public AdaptedLinear(LinearLayer baseLayer) : base(nameof(AdaptedLinear))
@@ -30,25 +34,13 @@ public sealed class AdaptedLinear : nn.Module<Tensor, Tensor>
         RegisterComponents();
     }
 
-    public long InFeatures { get; }
-    public long OutFeatures { get; }
-    public Parameter Weight => _weight;
-    public Parameter? Bias => _bias;
+    public override long InFeatures { get; }
+    public override long OutFeatures { get; }
+    public override Parameter Weight => _weight;
+    public override Parameter? Bias => _bias;
 
     /// <summary>Adapter names in insertion order.</summary>
     public IReadOnlyList<string> AdapterNames => _deltas.Names;
-
-    /// <summary>The adapters applied in the forward pass (empty = the base layer alone).</summary>
-    public IReadOnlyList<string> ActiveAdapters
-    {
-        get => _active;
-        set
-        {
-            foreach (var n in value)
-                if (!HasAdapter(n)) throw new ArgumentException($"no adapter '{n}' on this layer; have: {string.Join(", ", AdapterNames)}");
-            _active = value.ToArray();
-        }
-    }
 
     public bool HasAdapter(string name) => _deltas.TryGet(name, out _);
 
@@ -65,13 +57,12 @@ public sealed class AdaptedLinear : nn.Module<Tensor, Tensor>
         return delta;
     }
 
-    /// <summary>Removes an adapter (unmerging it first if merged).</summary>
+    /// <summary>Removes an adapter (unmerging it first if merged) and frees its tensors.</summary>
     public void RemoveAdapter(string name)
     {
         if (_merged.Contains(name)) Unmerge(name);
         var delta = GetAdapter(name);
         _deltas.Remove(name);
-        _active = _active.Where(n => n != name).ToArray();
         delta.Dispose();
     }
 
@@ -95,13 +86,28 @@ public sealed class AdaptedLinear : nn.Module<Tensor, Tensor>
 
     public bool IsMerged(string name) => _merged.Contains(name);
 
-    public override Tensor forward(Tensor x)
+    /// <summary><c>x·Wᵀ + b</c> plus the selected deltas; <paramref name="x"/>'s first dimension is the batch row of
+    /// <paramref name="ctx"/>'s selection. A null context (or one without adapters) runs the base layer alone.</summary>
+    public override Tensor forward(Tensor x, ForwardContext? ctx)
     {
-        if (_active.Count == 0) return nn.functional.linear(x, _weight, _bias);
-        using var scope = NewDisposeScope();
         var y = nn.functional.linear(x, _weight, _bias);
-        foreach (var name in _active)
-            if (!_merged.Contains(name)) y = y + GetAdapter(name).call(x);
-        return y.MoveToOuterDisposeScope();
+        if (ctx?.Adapters is not { } adapters) return y;
+        Tensor? result = null;
+        using var scope = NewDisposeScope();
+        foreach (var use in adapters.Uses)
+        {
+            if (!_deltas.TryGet(use.Name, out var delta) || _merged.Contains(use.Name)) continue;
+            result ??= y;
+            if (use.AllRows)
+                result = result + use.Scale(delta.call(x));
+            else
+            {
+                if (x.shape[0] != adapters.Batch)
+                    throw new InvalidOperationException($"adapted layer: input has {x.shape[0]} rows but the adapter selection has {adapters.Batch}");
+                var rows = use.Scale(delta.call(x.index_select(0, use.Index!)));
+                result = result.index_add(0, use.Index!, rows.to(result.dtype), 1.0);
+            }
+        }
+        return result is null ? y : result.MoveToOuterDisposeScope();
     }
 }

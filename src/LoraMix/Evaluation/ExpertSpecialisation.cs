@@ -1,3 +1,4 @@
+using LoraMix.Modeling;
 using LoraMix.Data;
 using LoraMix.Inference;
 using LoraMix.Routing;
@@ -45,7 +46,7 @@ public static class ExpertSpecialisation
             {
                 routing.SetPrivileges([rendered.Privileges]);
                 var ids = tensor(rendered.Ids.Select(i => (long)i).ToArray(), [1, rendered.Length], device: engine.Model.Device);
-                engine.Model.Forward(ids, lastOnly: true, routing: routing);
+                engine.Model.Forward(ids, lastOnly: true, routing: routing, adapters: AdapterSelection.Of(engine.DefaultAdapters));
             }
             if (layerOrder.Count == 0) layerOrder.AddRange(trace.LayerIndices);
             var tokens = trace.Row(0);

@@ -9,6 +9,9 @@ namespace LoraMix.Evaluation;
 /// <summary>Settings of a <see cref="RouterAttack"/>.</summary>
 public sealed record RouterAttackOptions
 {
+    /// <summary>The MixLoRA adapter whose router is attacked; null: the model's only MixLoRA adapter.</summary>
+    public string? Adapter { get; init; }
+
     /// <summary>The decoder layer whose routing the adversary wants to force.</summary>
     public int TargetLayer { get; init; }
 
@@ -77,9 +80,14 @@ public static class RouterAttack
         ArgumentNullException.ThrowIfNull(options);
         int n = ids.Count, vocab = model.Config.VocabSize;
         if (privileges.Count != n) throw new ArgumentException($"{n} ids but {privileges.Count} privilege labels");
+        var mixtures = model.Adapters.Where(a => a.Value == MixLoraAdapters.MethodName).Select(a => a.Key).ToList();
+        string adapter = options.Adapter ?? (mixtures.Count == 1 ? mixtures[0]
+            : throw new ArgumentException(mixtures.Count == 0 ? "the model has no MixLoRA adapter to attack"
+                : $"the model has {mixtures.Count} MixLoRA adapters ({string.Join(", ", mixtures)}); say which in RouterAttackOptions.Adapter"));
+        var selection = AdapterSelection.Of(adapter);
         var blocks = MixLoraAdapters.Blocks(model);
-        if (!blocks.Any(b => b.Layer == options.TargetLayer && b.ActiveAdapter is not null))
-            throw new ArgumentException($"layer {options.TargetLayer} has no active MixLoRA adapter");
+        if (!blocks.Any(b => b.Layer == options.TargetLayer && b.HasAdapter(adapter)))
+            throw new ArgumentException($"layer {options.TargetLayer} has no MixLoRA adapter '{adapter}'");
         var positions = (options.Positions ?? Enumerable.Range(0, n).Where(i => privileges[i] == Privilege.Untrusted).ToList()).Distinct().Order().ToArray();
         if (positions.Length == 0) throw new ArgumentException("the adversary controls no position (no untrusted token and no Positions given)");
         if (positions[0] < 0 || positions[^1] >= n) throw new ArgumentException("a controlled position is outside the sequence");
@@ -150,7 +158,7 @@ public static class RouterAttack
             using var noGrad = no_grad();
             using var routing = Context(batch.Count);
             var input = tensor(batch.SelectMany(x => x.Select(v => (long)v)).ToArray(), [batch.Count, n], device: model.Device);
-            model.ForwardHidden(input, routing: routing);
+            model.ForwardHidden(input, routing: routing, adapters: selection);
             var record = routing.Collector!.Records.Single(r => r.Layer == options.TargetLayer);
             var idx = tensor(targets.Select(t => (long)t).ToArray(), device: record.Experts.device);
             var experts = record.Experts.index_select(1, idx);                             // [C, M, K]
@@ -182,7 +190,7 @@ public static class RouterAttack
             var embeds = oneHot.matmul(embedding.detach()).unsqueeze(0);
             using (enable_grad())
             {
-                model.ForwardEmbeddings(embeds, routing: routing);
+                model.ForwardEmbeddings(embeds, routing: routing, adapters: selection);
                 var record = routing.Collector!.Records.Single(r => r.Layer == options.TargetLayer);
                 var idx = tensor(targets.Select(t => (long)t).ToArray(), device: record.Logits.device);
                 var objective = nn.functional.log_softmax(record.Logits.index_select(1, idx), -1).select(-1, options.TargetExpert).mean();

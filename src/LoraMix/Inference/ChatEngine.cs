@@ -18,9 +18,17 @@ public sealed record EngineOptions
     /// <summary>Compute dtype (default: float32).</summary>
     public ScalarType DType { get; init; } = ScalarType.Float32;
 
-    /// <summary>Adapter directories to load and activate, in order: PEFT LoRA adapters (several are summed), or one
-    /// MoE-PEFT MixLoRA adapter (detected from adapter_config.json).</summary>
+    /// <summary>Adapter directories to load, in order, unnamed: one is named <c>default</c>, several
+    /// <c>adapter0</c>, <c>adapter1</c>, ... (PEFT LoRA or MoE-PEFT MixLoRA, detected from adapter_config.json). Unless
+    /// <see cref="Use"/> says otherwise the engine runs the only adapter loaded, or several LoRA adapters summed.</summary>
     public IReadOnlyList<string> Adapters { get; init; } = [];
+
+    /// <summary>Adapter directories to load under the given names (after <see cref="Adapters"/>).</summary>
+    public IReadOnlyList<KeyValuePair<string, string>> NamedAdapters { get; init; } = [];
+
+    /// <summary>What every call runs unless it gives its own (<see cref="GenerationOptions.Adapters"/>): null runs the
+    /// only adapter loaded (several LoRA adapters: their sum; none: the base model).</summary>
+    public AdapterChoice? Use { get; init; }
 
     /// <summary>Chat template family (llama3, llama2, mistral, chatml, plain); null detects it from tokenizer_config.json.</summary>
     public string? Template { get; init; }
@@ -28,7 +36,7 @@ public sealed record EngineOptions
     /// <summary>Tokenizer directory; null uses the model directory.</summary>
     public string? TokenizerDirectory { get; init; }
 
-    /// <summary>Route the MixLoRA adapter with this policy instead of its configured <c>router_policy</c> (null: the
+    /// <summary>Route MixLoRA adapters with this policy instead of their configured <c>router_policy</c> (null: each
     /// adapter's). Every call of the engine uses it: generation, chats, batches, tracing. Requires a MixLoRA adapter.</summary>
     public IRouterPolicy? RouterPolicy { get; init; }
 }
@@ -60,16 +68,17 @@ public sealed class ChatEngine : IDisposable
     private readonly ChatRenderer? _renderer;
     private readonly string _modelDirectory;
 
+    private readonly Dictionary<string, LoadedAdapter> _loaded = new(StringComparer.Ordinal);
+
+    /// <summary>An adapter the engine loaded: its name, directory, method and (MixLoRA) config and whether that config
+    /// sets <c>router_policy</c>.</summary>
+    public sealed record LoadedAdapter(string Name, string Directory, AdapterKind Kind, MixLoraConfig? MixLora, bool PolicyKeyPresent);
+
     private ChatEngine(LlamaForCausalLM model, TextTokenizer? tokenizer, ChatTemplate? template, string modelDirectory,
-        MixLoraConfig? mixLora, IRouterPolicy? policyOverride, bool policyKeyPresent)
+        IRouterPolicy? policyOverride)
     {
-        RouterPolicySource = policyOverride is not null ? RouterPolicySource.Override
-            : mixLora is null ? RouterPolicySource.None
-            : policyKeyPresent ? RouterPolicySource.AdapterConfig : RouterPolicySource.Default;
         Model = model;
-        MixLora = mixLora;
         RouterPolicyOverride = policyOverride;
-        RouterPolicy = policyOverride ?? mixLora?.CreatePolicy();
         _tokenizer = tokenizer;
         _modelDirectory = modelDirectory;
         if (tokenizer is not null && (template is not null || tokenizer.ChatTemplate is not null))
@@ -92,27 +101,119 @@ public sealed class ChatEngine : IDisposable
     /// generated tokens never exceed it.</summary>
     public int ContextLength => Model.Config.MaxPositionEmbeddings;
 
-    /// <summary>The loaded MixLoRA adapter's config, or null when no MixLoRA adapter is loaded.</summary>
-    public MixLoraConfig? MixLora { get; }
+    /// <summary>What a call runs when it does not say (<see cref="EngineOptions.Use"/>, or the default described there).</summary>
+    public AdapterChoice DefaultAdapters { get; private set; } = AdapterChoice.Base;
 
-    /// <summary>The router policy every call routes with: <see cref="EngineOptions.RouterPolicy"/>, else the MixLoRA
-    /// adapter's <c>router_policy</c>; null when no adapter has a router.</summary>
-    public IRouterPolicy? RouterPolicy { get; }
+    /// <summary>The adapters loaded, by name, in load order.</summary>
+    public IReadOnlyList<LoadedAdapter> LoadedAdapters { get { lock (_loaded) return [.. _loaded.Values]; } }
+
+    /// <summary>The MixLoRA adapter of <see cref="DefaultAdapters"/>, or null when it runs none.</summary>
+    private LoadedAdapter? DefaultMixLora => MixLoraOf(DefaultAdapters);
+
+    private LoadedAdapter? MixLoraOf(AdapterChoice choice)
+    {
+        lock (_loaded)
+            return choice.Terms.Select(t => _loaded.GetValueOrDefault(t.Name)).FirstOrDefault(a => a?.MixLora is not null);
+    }
+
+    /// <summary>The config of the MixLoRA adapter <see cref="DefaultAdapters"/> runs, or null when it runs none.</summary>
+    public MixLoraConfig? MixLora => DefaultMixLora?.MixLora;
+
+    /// <summary>The router policy the default adapters route with: <see cref="EngineOptions.RouterPolicy"/>, else the
+    /// MixLoRA adapter's <c>router_policy</c>; null when they have no router.</summary>
+    public IRouterPolicy? RouterPolicy => DefaultMixLora is { } m ? RouterPolicyOverride ?? m.MixLora!.CreatePolicy() : null;
 
     /// <summary>Where <see cref="RouterPolicy"/> came from.</summary>
-    public RouterPolicySource RouterPolicySource { get; }
+    public RouterPolicySource RouterPolicySource => DefaultMixLora is not { } m ? RouterPolicySource.None
+        : RouterPolicyOverride is not null ? RouterPolicySource.Override
+        : m.PolicyKeyPresent ? RouterPolicySource.AdapterConfig : RouterPolicySource.Default;
+
+    /// <summary>The selection a call runs: its own, else <see cref="DefaultAdapters"/> for every row.</summary>
+    private AdapterSelection Selection(GenerationOptions options) => options.Adapters ?? AdapterSelection.Of(DefaultAdapters);
+
+    /// <summary>
+    /// Loads the adapter directory <paramref name="path"/> onto the running model under <paramref name="name"/> (its
+    /// method detected from adapter_config.json), without reloading the base model; calls can then select it. Waits for
+    /// the model thread.
+    /// </summary>
+    /// <exception cref="ArgumentException">The name is taken or invalid.</exception>
+    /// <exception cref="LoraMixException">The directory is not a loadable adapter for this model (nothing is attached).</exception>
+    public LoadedAdapter LoadAdapter(string name, string path)
+    {
+        _modelThread.Wait();
+        try { return LoadUnlocked(name, path); }
+        finally { _modelThread.Release(); }
+    }
+
+    /// <summary>Removes adapter <paramref name="name"/> from the model and frees its tensors. Waits for the model thread.
+    /// If it was part of <see cref="DefaultAdapters"/>, the default becomes the base model.</summary>
+    /// <exception cref="ArgumentException">No adapter of that name is loaded.</exception>
+    public void UnloadAdapter(string name)
+    {
+        _modelThread.Wait();
+        try
+        {
+            LoadedAdapter adapter;
+            lock (_loaded)
+                if (!_loaded.Remove(name, out adapter!))
+                    throw new ArgumentException($"no adapter named '{name}' is loaded; loaded: {string.Join(", ", _loaded.Keys)}", nameof(name));
+            if (adapter.Kind == AdapterKind.MixLora) MixLoraAdapters.Remove(Model, name);
+            else LoraAdapters.Remove(Model, name);
+            if (DefaultAdapters.Terms.Any(t => t.Name == name)) DefaultAdapters = AdapterChoice.Base;
+        }
+        finally { _modelThread.Release(); }
+    }
+
+    /// <summary>Makes <paramref name="choice"/> what calls run by default.</summary>
+    /// <exception cref="ArgumentException">It names an adapter that is not loaded.</exception>
+    public void SetDefaultAdapters(AdapterChoice choice)
+    {
+        ArgumentNullException.ThrowIfNull(choice);
+        Model.CheckAdapters(AdapterSelection.Of(choice), 1);
+        DefaultAdapters = choice;
+    }
+
+    private LoadedAdapter LoadUnlocked(string name, string path)
+    {
+        AdapterChoice.CheckName(name);
+        lock (_loaded)
+            if (_loaded.ContainsKey(name) || Model.Adapters.ContainsKey(name))
+                throw new ArgumentException($"an adapter named '{name}' is already loaded; unload it first or choose another name", nameof(name));
+        var kind = AdapterDirectory.Detect(path);
+        LoadedAdapter loaded;
+        if (kind == AdapterKind.MixLora)
+        {
+            var config = MixLoraAdapters.Load(Model, path, name);
+            bool policyKey = AdapterFiles.ReadConfigObject(Path.Combine(path, MixLoraAdapters.ConfigFileName), "MixLoRA").ContainsKey("router_policy");
+            loaded = new LoadedAdapter(name, path, kind, config, policyKey);
+        }
+        else
+        {
+            LoraAdapters.Load(Model, path, name);
+            loaded = new LoadedAdapter(name, path, kind, null, false);
+        }
+        lock (_loaded) _loaded[name] = loaded;
+        return loaded;
+    }
 
     /// <summary>The policy given in <see cref="EngineOptions.RouterPolicy"/>, or null when the adapter's own is used.</summary>
     public IRouterPolicy? RouterPolicyOverride { get; }
 
-    /// <summary>Fails closed, before anything runs, when the router policy freezes on untrusted tokens but the prompt
-    /// carries no privilege labels (raw ids): nothing could tell where untrusted text starts.</summary>
-    private void RequireLabels(bool labelled)
+    /// <summary>Fails closed, before anything runs, when a router policy the call routes with freezes on untrusted
+    /// tokens but the prompt carries no privilege labels (raw ids): nothing could tell where untrusted text starts.</summary>
+    private void RequireLabels(bool labelled, AdapterSelection selection)
     {
-        if (!labelled && RouterPolicy?.FreezesOnUntrusted == true)
-            throw new InvalidOperationException($"the MixLoRA adapter routes with router_policy {RouterPolicy.Describe()}, which needs privilege labels " +
-                                       "on every token, and raw token ids have none; give a chat (generate --chat, or chat) so that the " +
-                                       "renderer labels each token, or route with --router-policy free");
+        if (labelled) return;
+        Model.CheckAdapters(selection, selection.RowCount ?? 1);
+        foreach (var name in selection.Names)
+        {
+            if (MixLoraOf(AdapterChoice.Of(name)) is not { } m) continue;
+            var policy = RouterPolicyOverride ?? m.MixLora!.CreatePolicy();
+            if (policy.FreezesOnUntrusted)
+                throw new InvalidOperationException($"the MixLoRA adapter routes with router_policy {policy.Describe()}, which needs privilege labels " +
+                                           "on every token, and raw token ids have none; give a chat (generate --chat, or chat) so that the " +
+                                           "renderer labels each token, or route with --router-policy free");
+        }
     }
 
     /// <summary>A routing context for one call: the engine's policy override travels in it. Raw ids (no labels) get one
@@ -147,32 +248,36 @@ public sealed class ChatEngine : IDisposable
         if (options.TokenizerDirectory is not null && tokenizer is null)
             throw new TokenizerFileException(tokDir, null, "no tokenizer.json or tokenizer.model in this directory");
         ChatTemplate? template = options.Template is null ? null : ChatTemplate.Parse(options.Template);
-        if (options.RouterPolicy is not null && !options.Adapters.Any(a => AdapterDirectory.Detect(a) == AdapterKind.MixLora))
+        var named = options.Adapters.Select((path, i) => new KeyValuePair<string, string>(
+                options.Adapters.Count == 1 && options.NamedAdapters.Count == 0 ? "default" : $"adapter{i}", path))
+            .Concat(options.NamedAdapters).ToList();
+        foreach (var (name, _) in named) AdapterChoice.CheckName(name);
+        if (named.GroupBy(n => n.Key).FirstOrDefault(g => g.Count() > 1) is { } dup)
+            throw new LoraMixException($"adapter name '{dup.Key}' is given twice; give each adapter its own name");
+        var kinds = named.ToDictionary(n => n.Key, n => AdapterDirectory.Detect(n.Value));
+        if (options.Use is { } use)
+            foreach (var t in use.Terms)
+                if (!kinds.ContainsKey(t.Name))
+                    throw new LoraMixException($"--use names adapter '{t.Name}', which is not loaded; loaded: {(kinds.Count == 0 ? "none" : string.Join(", ", kinds.Keys))}");
+        var choice = options.Use ?? (named.Count switch
+        {
+            0 => AdapterChoice.Base,
+            1 => AdapterChoice.Of(named[0].Key),
+            _ when kinds.Values.All(k => k == AdapterKind.Lora) => AdapterChoice.Compose(named.Select(n => n.Key)),
+            _ => throw new LoraMixException($"{named.Count} adapters are loaded and one is MixLoRA: say which to run with --use NAME " +
+                                            $"(loaded: {string.Join(", ", named.Select(n => $"{n.Key}={n.Value}"))})"),
+        });
+        if (options.RouterPolicy is not null && !choice.Terms.Any(t => kinds[t.Name] == AdapterKind.MixLora))
             throw new LoraMixException($"a router policy ({options.RouterPolicy.Describe()}) was given, but no MixLoRA adapter is loaded: " +
                                        "only MixLoRA adapters have a router (plain LoRA adapters route nothing)");
         var model = LlamaForCausalLM.FromPretrained(modelDirectory, options.Device, options.DType);
         try
         {
-            var kinds = options.Adapters.Select(AdapterDirectory.Detect).ToList();
-            if (kinds.Contains(AdapterKind.MixLora) && kinds.Count > 1)
-                throw new LoraMixException($"a MixLoRA adapter is loaded on its own; got {kinds.Count} adapters ({string.Join(", ", options.Adapters)})");
-            MixLoraConfig? mixLora = null;
-            bool policyKey = false;
-            if (kinds is [AdapterKind.MixLora])
-            {
-                mixLora = MixLoraAdapters.Load(model, options.Adapters[0]);
-                policyKey = AdapterFiles.ReadConfigObject(Path.Combine(options.Adapters[0], MixLoraAdapters.ConfigFileName), "MixLoRA")
-                    .ContainsKey("router_policy");
-            }
-            else
-            {
-                for (int i = 0; i < options.Adapters.Count; i++)
-                    LoraAdapters.Load(model, options.Adapters[i], options.Adapters.Count == 1 ? "default" : $"adapter{i}");
-                if (options.Adapters.Count > 1)
-                    LoraAdapters.SetActive(model, [.. Enumerable.Range(0, options.Adapters.Count).Select(i => $"adapter{i}")]);
-            }
+            var engine = new ChatEngine(model, tokenizer, template, modelDirectory, options.RouterPolicy);
+            foreach (var (name, path) in named) engine.LoadUnlocked(name, path);
+            engine.SetDefaultAdapters(choice);
             model.eval();
-            return new ChatEngine(model, tokenizer, template, modelDirectory, mixLora, options.RouterPolicy, policyKey);
+            return engine;
         }
         catch
         {
@@ -221,8 +326,12 @@ public sealed class ChatEngine : IDisposable
     private EngineResult GenerateOne(IReadOnlyList<int> promptIds, IReadOnlyList<Privilege>? privileges, GenerationOptions options,
         Action<string>? onText, CancellationToken cancellationToken)
     {
-        RequireLabels(privileges is not null);
-        var effective = options with { StopTokenIds = [.. options.StopTokenIds.Union(options.StopAtEos ? StopTokenIds : [])] };
+        var selection = Selection(options);
+        RequireLabels(privileges is not null, selection);
+        var effective = options with
+        {
+            StopTokenIds = [.. options.StopTokenIds.Union(options.StopAtEos ? StopTokenIds : [])], Adapters = selection,
+        };
         _modelThread.Wait(cancellationToken);
         try
         {
@@ -275,7 +384,9 @@ public sealed class ChatEngine : IDisposable
         int batchSize, Action<int>? onDone, CancellationToken cancellationToken)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(batchSize, 1);
-        RequireLabels(privileges is not null);
+        var selection = Selection(options);
+        selection.CheckBatch(prompts.Count);
+        RequireLabels(privileges is not null, selection);
         var effective = options with { StopTokenIds = [.. options.StopTokenIds.Union(options.StopAtEos ? StopTokenIds : [])] };
         var results = new EngineResult[prompts.Count];
         var order = Enumerable.Range(0, prompts.Count).OrderBy(i => prompts[i].Length).ToArray();
@@ -287,7 +398,8 @@ public sealed class ChatEngine : IDisposable
             foreach (var chunk in order.Chunk(batchSize))
             {
                 using var routing = NewRouting(privileges is not null);
-                var outs = generator.Generate(chunk.Select(i => (IReadOnlyList<int>)prompts[i]).ToList(), effective, routing,
+                var outs = generator.Generate(chunk.Select(i => (IReadOnlyList<int>)prompts[i]).ToList(),
+                    effective with { Adapters = selection.Select(chunk) }, routing,
                     privileges is null ? null : chunk.Select(i => (IReadOnlyList<Privilege>)privileges[i]).ToList(), null, cancellationToken);
                 for (int j = 0; j < chunk.Length; j++)
                 {
@@ -332,13 +444,14 @@ public sealed class ChatEngine : IDisposable
         ArgumentOutOfRangeException.ThrowIfNegative(generateTokens);
         var mixLora = MixLora ?? throw new LoraMixException(
             "routing can only be traced through a MixLoRA adapter, and none is loaded (LoRA adapters have no router)");
+        var choice = DefaultAdapters;
         var chat = RenderForGeneration(messages);
         var policy = policyOverride ?? RouterPolicy ?? mixLora.CreatePolicy();
         // One step more than the tokens to trace: the generator never feeds back the last token it samples.
         var options = new GenerationOptions
         {
             MaxNewTokens = generateTokens == int.MaxValue ? generateTokens : generateTokens + 1, Temperature = 0, StopAtEos = stopAtStopTokens,
-            StopTokenIds = stopAtStopTokens ? [.. StopTokenIds] : [],
+            StopTokenIds = stopAtStopTokens ? [.. StopTokenIds] : [], Adapters = AdapterSelection.Of(choice),
         };
         _modelThread.Wait(cancellationToken);
         try

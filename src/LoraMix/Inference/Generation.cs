@@ -35,6 +35,10 @@ public sealed record GenerationOptions
     /// refused with a <see cref="KvCacheLimitException"/>.</summary>
     public long MaxKvCacheBytes { get; init; } = DefaultMaxKvCacheBytes;
 
+    /// <summary>The adapters the rows run (one choice for every prompt, or one per prompt); null: the base model (an
+    /// engine substitutes its default). Travels with every forward call of the generation.</summary>
+    public AdapterSelection? Adapters { get; init; }
+
     /// <summary>Throws <see cref="ArgumentException"/> for out-of-range settings.</summary>
     public void Validate()
     {
@@ -117,6 +121,7 @@ public sealed class TokenGenerator
     {
         ArgumentNullException.ThrowIfNull(prompts);
         options.Validate();
+        _model.CheckAdapters(options.Adapters, prompts.Count);
         if (prompts.Count == 0) return [];
         if (privileges is not null)
         {
@@ -198,7 +203,7 @@ public sealed class TokenGenerator
             using (var stepScope = NewDisposeScope())
             {
                 if (step > 0 && privileges is not null) routing!.SetPrivileges(Privilege.Assistant, batch);
-                var logits = _model.Forward(input, cache, attn, lastOnly: true, routing: routing).squeeze(1).to(ScalarType.Float32);
+                var logits = _model.Forward(input, cache, attn, lastOnly: true, routing: routing, adapters: options.Adapters).squeeze(1).to(ScalarType.Float32);
                 var finite = logits.isfinite().all(1);
                 // A non-finite row is refused below, on the host; zeroed here so that the draw itself cannot fail first.
                 if (options.Temperature > 0) logits = logits.nan_to_num(0, 0, 0);

@@ -29,4 +29,28 @@ public sealed class ForwardContext
     /// trace), or null: mixture-of-experts blocks then route freely and record nothing.
     /// </summary>
     public RoutingContext? Routing { get; init; }
+
+    /// <summary>The adapters each row runs (resolved per call), or null when every row runs the base model. Every slot
+    /// that holds adapters (projections, feed-forward, embedding) reads it; none keeps an "active adapter" of its own.</summary>
+    public AdapterBatch? Adapters { get; init; }
+
+    /// <summary>The rows of the call's batch this context covers, or null for all of them (a block that runs a sub-batch
+    /// on its own passes a context for its rows, <see cref="ForRows"/>; router policies map their per-row state with it).</summary>
+    public int[]? Rows { get; init; }
+
+    /// <summary>A context for rows <paramref name="rows"/> (indices into this context's batch) of this call: rotary
+    /// tables, masks and adapters restricted to them; same cache position and routing context.</summary>
+    public ForwardContext ForRows(int[] rows, Tensor rowIndex) => new()
+    {
+        Cos = Cos.index_select(0, rowIndex),
+        Sin = Sin.index_select(0, rowIndex),
+        AttentionMask = AttentionMask?.index_select(0, rowIndex),
+        IsCausal = IsCausal,
+        Cache = null,
+        Start = Start,
+        TokenMask = TokenMask?.index_select(0, rowIndex),
+        Routing = Routing,
+        Adapters = Adapters?.Subset(rows, rowIndex.device),
+        Rows = Rows is null ? rows : rows.Select(r => Rows[r]).ToArray(),
+    };
 }

@@ -32,10 +32,29 @@ public sealed class RmsNorm : nn.Module<Tensor, Tensor>
 }
 
 /// <summary>
+/// A projection slot of the decoder (<c>q_proj</c> ... <c>down_proj</c>): a linear map that receives the forward context,
+/// so that a slot holding adapters can read which rows run which adapter (<see cref="ForwardContext.Adapters"/>). The
+/// context may be null outside a model forward (the base map alone).
+/// </summary>
+public abstract class LinearSlot : nn.Module<Tensor, ForwardContext?, Tensor>
+{
+    protected LinearSlot(string name) : base(name) { }
+
+    public abstract long InFeatures { get; }
+    public abstract long OutFeatures { get; }
+
+    /// <summary>The frozen base weight [out, in].</summary>
+    public abstract Parameter Weight { get; }
+
+    /// <summary>The base bias [out], or null.</summary>
+    public abstract Parameter? Bias { get; }
+}
+
+/// <summary>
 /// A dense linear layer <c>y = x·Wᵀ + b</c> with Hugging Face parameter names (<c>weight</c> [out, in], <c>bias</c> [out]).
 /// This is the base of every projection slot; adapters wrap or replace it.
 /// </summary>
-public sealed class LinearLayer : nn.Module<Tensor, Tensor>
+public sealed class LinearLayer : LinearSlot
 {
     [ComponentName(Name = "weight")]
     private readonly Parameter _weight;
@@ -53,12 +72,15 @@ public sealed class LinearLayer : nn.Module<Tensor, Tensor>
         RegisterComponents();
     }
 
-    public long InFeatures { get; }
-    public long OutFeatures { get; }
-    public Parameter Weight => _weight;
-    public Parameter? Bias => _bias;
+    public override long InFeatures { get; }
+    public override long OutFeatures { get; }
+    public override Parameter Weight => _weight;
+    public override Parameter? Bias => _bias;
 
-    public override Tensor forward(Tensor x) => nn.functional.linear(x, _weight, _bias);
+    public override Tensor forward(Tensor x, ForwardContext? ctx) => nn.functional.linear(x, _weight, _bias);
+
+    /// <summary><c>x·Wᵀ + b</c> (no context: the layer holds no adapters).</summary>
+    public Tensor forward(Tensor x) => nn.functional.linear(x, _weight, _bias);
 }
 
 /// <summary>

@@ -52,24 +52,27 @@ public sealed partial class LlamaForCausalLM : nn.Module
     /// <param name="attentionMask">[B, T], 1 for real tokens and 0 for (left) padding; null when nothing is padded.</param>
     /// <param name="lastOnly">Project only the last position to the vocabulary (generation).</param>
     /// <param name="routing">The routing context for mixture-of-experts blocks (policy, collector, trace), or null.</param>
+    /// <param name="adapters">The adapters each row runs (one choice for all rows, or one per row), or null for the base
+    /// model. Nothing about adapters is kept on the model between calls.</param>
     public Tensor Forward(Tensor inputIds, KvCache? cache = null, Tensor? attentionMask = null, bool lastOnly = false,
-        RoutingContext? routing = null)
+        RoutingContext? routing = null, AdapterSelection? adapters = null)
     {
         using var scope = NewDisposeScope();
-        var hidden = ForwardHidden(inputIds, cache, attentionMask, routing);
+        var hidden = ForwardHidden(inputIds, cache, attentionMask, routing, adapters);
         if (lastOnly) hidden = hidden.narrow(1, hidden.shape[1] - 1, 1);
         return nn.functional.linear(hidden, OutputWeight).MoveToOuterDisposeScope();
     }
 
     /// <summary>Runs embeddings, every layer and the final norm; returns hidden states [B, T, hidden].</summary>
-    public Tensor ForwardHidden(Tensor inputIds, KvCache? cache = null, Tensor? attentionMask = null, RoutingContext? routing = null)
+    public Tensor ForwardHidden(Tensor inputIds, KvCache? cache = null, Tensor? attentionMask = null, RoutingContext? routing = null,
+        AdapterSelection? adapters = null)
     {
         if (inputIds.dim() != 2)
             throw new ArgumentException($"input ids must be [batch, seq], got [{string.Join(", ", inputIds.shape)}]", nameof(inputIds));
         if (inputIds.shape[1] == 0) throw new ArgumentException("input ids must contain at least one position", nameof(inputIds));
         using var scope = NewDisposeScope();
         var embeddings = _model.EmbedTokens.call(inputIds.to(ScalarType.Int64, Device));
-        return ForwardEmbeddings(embeddings, cache, attentionMask, routing).MoveToOuterDisposeScope();
+        return ForwardEmbeddings(embeddings, cache, attentionMask, routing, adapters).MoveToOuterDisposeScope();
     }
 
     /// <summary>
@@ -81,7 +84,8 @@ public sealed partial class LlamaForCausalLM : nn.Module
     /// pass over the row's own cached history — and only then the rest of the batch (<see cref="PrivilegedPrefill"/>): the
     /// routing snapshot, and every decision and key/value of the privileged prefix, are then bit-for-bit independent of the
     /// untrusted text that follows and of the other rows of the batch.</remarks>
-    public Tensor ForwardEmbeddings(Tensor inputEmbeddings, KvCache? cache = null, Tensor? attentionMask = null, RoutingContext? routing = null)
+    public Tensor ForwardEmbeddings(Tensor inputEmbeddings, KvCache? cache = null, Tensor? attentionMask = null, RoutingContext? routing = null,
+        AdapterSelection? adapters = null)
     {
         if (inputEmbeddings.dim() != 3 || inputEmbeddings.shape[2] != Config.HiddenSize)
             throw new ArgumentException($"input embeddings must be [batch, seq, {Config.HiddenSize}], got [{string.Join(", ", inputEmbeddings.shape)}]", nameof(inputEmbeddings));
@@ -91,17 +95,50 @@ public sealed partial class LlamaForCausalLM : nn.Module
             throw new ArgumentException($"cache batch size {cache.BatchSize} differs from input batch size {b}", nameof(cache));
         if (attentionMask is not null && (attentionMask.dim() != 2 || attentionMask.shape[0] != b || attentionMask.shape[1] != t))
             throw new ArgumentException($"attention mask must be [{b}, {t}], got [{string.Join(", ", attentionMask.shape)}]", nameof(attentionMask));
-        if (routing is not null && !is_grad_enabled() && PrivilegedPrefill.Plan(this, routing, cache, attentionMask, b, t) is { } plan)
-            return PrivilegedPrefill.Run(this, plan, inputEmbeddings, cache, attentionMask, routing);
-        return ForwardCore(inputEmbeddings, cache, attentionMask, routing);
+        CheckAdapters(adapters, b);
+        if (routing is not null && !is_grad_enabled() && PrivilegedPrefill.Plan(this, routing, adapters, cache, attentionMask, b, t) is { } plan)
+            return PrivilegedPrefill.Run(this, plan, inputEmbeddings, cache, attentionMask, routing, adapters);
+        return ForwardCore(inputEmbeddings, cache, attentionMask, routing, adapters);
     }
 
-    /// <summary>True when any block routes under <paramref name="routing"/> with a policy that freezes on untrusted tokens.</summary>
-    internal bool RoutesPrivileged(RoutingContext routing) =>
-        _model.Layers.Any(l => l.FeedForward.RouterPolicyFor(routing)?.FreezesOnUntrusted == true);
+    private readonly Dictionary<string, string> _adapters = new(StringComparer.Ordinal);
+
+    /// <summary>The adapters attached to the model, by name, with their method (<c>lora</c>, <c>mixlora</c>, ...): what
+    /// a forward call may select. Attaching and removing adapters keeps it (the adapter methods call
+    /// <see cref="RegisterAdapter"/> and <see cref="UnregisterAdapter"/>).</summary>
+    public IReadOnlyDictionary<string, string> Adapters => _adapters;
+
+    /// <summary>Records that adapter <paramref name="name"/> of method <paramref name="method"/> is attached.</summary>
+    public void RegisterAdapter(string name, string method)
+    {
+        AdapterChoice.CheckName(name);
+        _adapters[name] = method;
+    }
+
+    /// <summary>Forgets adapter <paramref name="name"/> (no-op when absent).</summary>
+    public void UnregisterAdapter(string name) => _adapters.Remove(name);
+
+    /// <summary>Throws unless every adapter <paramref name="adapters"/> names is attached and the selection fits the batch.</summary>
+    /// <exception cref="ArgumentException">An unknown adapter name, or a per-row selection for another batch size.</exception>
+    public void CheckAdapters(AdapterSelection? adapters, long batch)
+    {
+        if (adapters is null) return;
+        adapters.CheckBatch(batch);
+        foreach (var name in adapters.Names)
+            if (!_adapters.ContainsKey(name))
+                throw new ArgumentException(_adapters.Count == 0
+                    ? $"no adapter named '{name}' is attached: the model has no adapters (load one first)"
+                    : $"no adapter named '{name}' is attached; attached: {string.Join(", ", _adapters.Keys)}", nameof(adapters));
+    }
+
+    /// <summary>True when any block routes a row of <paramref name="adapters"/> under <paramref name="routing"/> with a
+    /// policy that freezes on untrusted tokens.</summary>
+    internal bool RoutesPrivileged(RoutingContext routing, AdapterSelection? adapters) =>
+        _model.Layers.Any(l => l.FeedForward.RouterPoliciesFor(routing, adapters).Any(p => p.FreezesOnUntrusted));
 
     /// <summary>One forward call of every layer (the body of <see cref="ForwardEmbeddings"/>).</summary>
-    internal Tensor ForwardCore(Tensor inputEmbeddings, KvCache? cache, Tensor? attentionMask, RoutingContext? routing)
+    internal Tensor ForwardCore(Tensor inputEmbeddings, KvCache? cache, Tensor? attentionMask, RoutingContext? routing,
+        AdapterSelection? adapters)
     {
         long b = inputEmbeddings.shape[0], t = inputEmbeddings.shape[1];
         using var scope = NewDisposeScope();
@@ -164,9 +201,9 @@ public sealed partial class LlamaForCausalLM : nn.Module
         var ctx = new ForwardContext
         {
             Cos = cos, Sin = sin, AttentionMask = attnMask, IsCausal = causal, Cache = cache, Start = start,
-            TokenMask = mask, Routing = routing,
+            TokenMask = mask, Routing = routing, Adapters = AdapterBatch.Resolve(adapters, b, Device),
         };
-        var h = _model.EmbedTokens.AddPrivileges(inputEmbeddings.to(Device), routing?.PrivilegeLabels);
+        var h = _model.EmbedTokens.AddPrivileges(inputEmbeddings.to(Device), routing?.PrivilegeLabels, ctx.Adapters);
         foreach (var layer in _model.Layers) h = layer.call(h, ctx);
         return _model.Norm.call(h).MoveToOuterDisposeScope();
     }

@@ -11,17 +11,17 @@ public abstract class FeedForwardBlock : nn.Module<Tensor, ForwardContext, Tenso
 {
     protected FeedForwardBlock(string name) : base(name) { }
 
-    /// <summary>The router policy this block routes with under <paramref name="routing"/>, or null when it has no router
-    /// (the dense MLP, or no active mixture).</summary>
-    public virtual Routing.IRouterPolicy? RouterPolicyFor(Routing.RoutingContext? routing) => null;
+    /// <summary>The router policies this block routes rows with under <paramref name="routing"/> when the rows run
+    /// <paramref name="adapters"/> (none: the dense MLP, or no row runs a mixture of this block).</summary>
+    public virtual IEnumerable<Routing.IRouterPolicy> RouterPoliciesFor(Routing.RoutingContext? routing, AdapterSelection? adapters) => [];
 }
 
 /// <summary>The SwiGLU feed-forward network <c>down(silu(gate(x)) ⊙ up(x))</c>.</summary>
 public sealed class LlamaMlp : FeedForwardBlock
 {
-    [ComponentName(Name = "gate_proj")] private nn.Module<Tensor, Tensor> _gate;
-    [ComponentName(Name = "up_proj")] private nn.Module<Tensor, Tensor> _up;
-    [ComponentName(Name = "down_proj")] private nn.Module<Tensor, Tensor> _down;
+    [ComponentName(Name = "gate_proj")] private LinearSlot _gate;
+    [ComponentName(Name = "up_proj")] private LinearSlot _up;
+    [ComponentName(Name = "down_proj")] private LinearSlot _down;
 
     public LlamaMlp(LlamaConfig c, Device device, ScalarType dtype) : base(nameof(LlamaMlp))
     {
@@ -34,7 +34,7 @@ public sealed class LlamaMlp : FeedForwardBlock
     /// <summary>The projection slots by Hugging Face name.</summary>
     public static readonly IReadOnlyList<string> ProjectionNames = ["gate_proj", "up_proj", "down_proj"];
 
-    public nn.Module<Tensor, Tensor> GetProjection(string name) => name switch
+    public LinearSlot GetProjection(string name) => name switch
     {
         "gate_proj" => _gate,
         "up_proj" => _up,
@@ -43,7 +43,7 @@ public sealed class LlamaMlp : FeedForwardBlock
     };
 
     /// <summary>Replaces a projection slot (e.g. with an adapted linear layer) under the same state-dict name.</summary>
-    public void SetProjection(string name, nn.Module<Tensor, Tensor> module)
+    public void SetProjection(string name, LinearSlot module)
     {
         _ = GetProjection(name);
         register_module(name, null!);
@@ -59,18 +59,18 @@ public sealed class LlamaMlp : FeedForwardBlock
     public override Tensor forward(Tensor x, ForwardContext ctx)
     {
         using var scope = NewDisposeScope();
-        var h = nn.functional.silu(_gate.call(x)) * _up.call(x);
-        return _down.call(h).MoveToOuterDisposeScope();
+        var h = nn.functional.silu(_gate.call(x, ctx)) * _up.call(x, ctx);
+        return _down.call(h, ctx).MoveToOuterDisposeScope();
     }
 }
 
 /// <summary>Grouped-query self-attention with rotary embeddings, a preallocated KV cache and fused SDPA.</summary>
 public sealed class LlamaAttention : nn.Module<Tensor, ForwardContext, Tensor>
 {
-    [ComponentName(Name = "q_proj")] private nn.Module<Tensor, Tensor> _q;
-    [ComponentName(Name = "k_proj")] private nn.Module<Tensor, Tensor> _k;
-    [ComponentName(Name = "v_proj")] private nn.Module<Tensor, Tensor> _v;
-    [ComponentName(Name = "o_proj")] private nn.Module<Tensor, Tensor> _o;
+    [ComponentName(Name = "q_proj")] private LinearSlot _q;
+    [ComponentName(Name = "k_proj")] private LinearSlot _k;
+    [ComponentName(Name = "v_proj")] private LinearSlot _v;
+    [ComponentName(Name = "o_proj")] private LinearSlot _o;
     private readonly int _layer, _heads, _kvHeads, _headDim;
 
     public LlamaAttention(LlamaConfig c, int layer, Device device, ScalarType dtype) : base(nameof(LlamaAttention))
@@ -90,7 +90,7 @@ public sealed class LlamaAttention : nn.Module<Tensor, ForwardContext, Tensor>
     /// <summary>The projection slots by Hugging Face name.</summary>
     public static readonly IReadOnlyList<string> ProjectionNames = ["q_proj", "k_proj", "v_proj", "o_proj"];
 
-    public nn.Module<Tensor, Tensor> GetProjection(string name) => name switch
+    public LinearSlot GetProjection(string name) => name switch
     {
         "q_proj" => _q,
         "k_proj" => _k,
@@ -100,7 +100,7 @@ public sealed class LlamaAttention : nn.Module<Tensor, ForwardContext, Tensor>
     };
 
     /// <summary>Replaces a projection slot (e.g. with an adapted linear layer) under the same state-dict name.</summary>
-    public void SetProjection(string name, nn.Module<Tensor, Tensor> module)
+    public void SetProjection(string name, LinearSlot module)
     {
         _ = GetProjection(name);
         register_module(name, null!);
@@ -118,9 +118,9 @@ public sealed class LlamaAttention : nn.Module<Tensor, ForwardContext, Tensor>
     {
         using var scope = NewDisposeScope();
         long b = x.shape[0], t = x.shape[1];
-        var q = _q.call(x).view(b, t, _heads, _headDim).transpose(1, 2);
-        var k = _k.call(x).view(b, t, _kvHeads, _headDim).transpose(1, 2);
-        var v = _v.call(x).view(b, t, _kvHeads, _headDim).transpose(1, 2);
+        var q = _q.call(x, ctx).view(b, t, _heads, _headDim).transpose(1, 2);
+        var k = _k.call(x, ctx).view(b, t, _kvHeads, _headDim).transpose(1, 2);
+        var v = _v.call(x, ctx).view(b, t, _kvHeads, _headDim).transpose(1, 2);
         q = RotaryEmbedding.Apply(q, ctx.Cos, ctx.Sin);
         k = RotaryEmbedding.Apply(k, ctx.Cos, ctx.Sin);
         if (ctx.Cache is { } cache) (k, v) = cache.Append(_layer, ctx.Start, k, v);
@@ -145,7 +145,7 @@ public sealed class LlamaAttention : nn.Module<Tensor, ForwardContext, Tensor>
             o = nn.functional.scaled_dot_product_attention(qf, k, v, mask, 0.0, false).view(b, _heads, t, _headDim);
         }
         o = o.transpose(1, 2).reshape(b, t, (long)_heads * _headDim);
-        return _o.call(o).MoveToOuterDisposeScope();
+        return _o.call(o, ctx).MoveToOuterDisposeScope();
     }
 }
 
@@ -187,12 +187,12 @@ public sealed class LlamaDecoderLayer : nn.Module<Tensor, ForwardContext, Tensor
 }
 
 /// <summary>Token embedding table (<c>weight</c> [vocab, hidden]), with any number of named adapter
-/// <see cref="PrivilegeEmbedding"/>s (under <c>privilege.&lt;adapter&gt;.weight</c>), at most one active.</summary>
+/// <see cref="PrivilegeEmbedding"/>s (under <c>privilege.&lt;adapter&gt;.weight</c>); which one a row adds is read from
+/// the forward call's adapter selection.</summary>
 public sealed class TokenEmbedding : nn.Module<Tensor, Tensor>
 {
     [ComponentName(Name = "weight")] private readonly Parameter _weight;
     [ComponentName(Name = "privilege")] private readonly NamedModules<PrivilegeEmbedding> _privilege = new();
-    private string? _activePrivilege;
 
     public TokenEmbedding(long vocab, long hidden, Device device, ScalarType dtype) : base(nameof(TokenEmbedding))
     {
@@ -223,33 +223,40 @@ public sealed class TokenEmbedding : nn.Module<Tensor, Tensor>
     {
         if (_privilege.Get(name) is not { } table) return;
         _privilege.Remove(name);
-        if (_activePrivilege == name) _activePrivilege = null;
         table.Dispose();
     }
 
-    /// <summary>The privilege embedding added in the forward pass (<see cref="LlamaForCausalLM.ForwardEmbeddings"/>), or null.</summary>
-    public string? ActivePrivilegeEmbedding
-    {
-        get => _activePrivilege;
-        set
-        {
-            if (value is not null && _privilege.Get(value) is null)
-                throw new ArgumentException($"no privilege embedding named '{value}'; attached: {string.Join(", ", _privilege.Names)}");
-            _activePrivilege = value;
-        }
-    }
+    /// <summary>The privilege embeddings the rows of <paramref name="adapters"/> add (adapter names that have one).</summary>
+    public IReadOnlyList<string> PrivilegeEmbeddingsFor(AdapterSelection? adapters) =>
+        adapters is null ? [] : adapters.Names.Where(n => _privilege.Get(n) is not null).ToList();
 
-    /// <summary>Adds the active privilege embedding's rows for <paramref name="labels"/> to <paramref name="embeddings"/>;
-    /// returns the input unchanged when none is active.</summary>
-    /// <exception cref="InvalidOperationException">One is active but <paramref name="labels"/> is null.</exception>
-    public Tensor AddPrivileges(Tensor embeddings, Tensor? labels)
+    /// <summary>Adds to each row of <paramref name="embeddings"/> the rows of its adapter's privilege embedding for
+    /// <paramref name="labels"/>; rows whose adapters have none are unchanged (the input itself when no row has one).</summary>
+    /// <exception cref="InvalidOperationException">A row's adapter has one but <paramref name="labels"/> is null, or a row
+    /// composes two adapters that both have one.</exception>
+    public Tensor AddPrivileges(Tensor embeddings, Tensor? labels, AdapterBatch? adapters)
     {
-        if (_activePrivilege is null) return embeddings;
+        if (adapters is null || _privilege.Names.Count == 0) return embeddings;
+        var uses = adapters.Uses.Where(u => _privilege.Get(u.Name) is not null).ToList();
+        if (uses.Count == 0) return embeddings;
         if (labels is null)
             throw new InvalidOperationException(
-                $"adapter '{_activePrivilege}' has a privilege embedding (privilege_embedding: true): set RoutingContext.PrivilegeLabels " +
+                $"adapter '{uses[0].Name}' has a privilege embedding (privilege_embedding: true): set RoutingContext.PrivilegeLabels " +
                 "(or SetPrivileges) before every forward step, decoding steps included — e.g. render chats with the chat template");
-        return _privilege.Get(_activePrivilege)!.Apply(embeddings, labels);
+        var covered = new HashSet<long>();
+        foreach (var u in uses)
+            foreach (var r in u.Rows)
+                if (!covered.Add(r))
+                    throw new InvalidOperationException($"row {r} composes two adapters with a privilege embedding; a row may add one at most");
+        var result = embeddings;
+        foreach (var u in uses)
+        {
+            var table = _privilege.Get(u.Name)!;
+            if (u.AllRows) return table.Apply(embeddings, labels);
+            var rows = table.Apply(embeddings.index_select(0, u.Index!), labels.to(embeddings.device).index_select(0, u.Index!));
+            result = result.index_copy(0, u.Index!, rows);
+        }
+        return result;
     }
 
     public override Tensor forward(Tensor ids)

@@ -30,11 +30,12 @@ internal static class PrivilegedPrefill
 
     /// <summary>The split this call needs, or null for the ordinary pass (no row freezes after privileged tokens of this
     /// call, no privileged router, or input the ordinary pass will reject with its own message).</summary>
-    public static SplitPlan? Plan(LlamaForCausalLM model, RoutingContext routing, KvCache? cache, Tensor? attentionMask, long b, long t)
+    public static SplitPlan? Plan(LlamaForCausalLM model, RoutingContext routing, AdapterSelection? adapters, KvCache? cache,
+        Tensor? attentionMask, long b, long t)
     {
         var labels = routing.PrivilegeLabels;
         if (labels is null || labels.dim() != 2 || labels.shape[0] != b || labels.shape[1] != t) return null;
-        if (!model.RoutesPrivileged(routing)) return null;
+        if (!model.RoutesPrivileged(routing, adapters)) return null;
         bool continuation = cache is not null && cache.Length > 0;
         PrivilegedRoutingState? state = null;
         if (continuation)
@@ -66,7 +67,7 @@ internal static class PrivilegedPrefill
     /// <summary>Runs the split: each prefix alone, then the rest batched; returns hidden states [B, T, hidden] in the
     /// layout of the call (zeros at padding).</summary>
     public static Tensor Run(LlamaForCausalLM model, SplitPlan plan, Tensor embeddings, KvCache? cache, Tensor? attentionMask,
-        RoutingContext routing)
+        RoutingContext routing, AdapterSelection? adapters)
     {
         long b = embeddings.shape[0], t = embeddings.shape[1], h = embeddings.shape[2];
         using var scope = NewDisposeScope();
@@ -102,7 +103,7 @@ internal static class PrivilegedPrefill
                     sub.PolicyState = state.ExtractRow(row, single);
                     sub.SetPrivileges([prefix.Positions.Select(i => (Privilege)plan.Labels[row * t + i]).ToArray()]);
                     var x = emb.narrow(0, row, 1).index_select(1, tensor(prefix.Positions, device: device));
-                    var hidden = model.ForwardCore(x, single, null, sub);
+                    var hidden = model.ForwardCore(x, single, null, sub, adapters?.Select([row]));
                     state.MergeRow(row, (PrivilegedRoutingState)sub.PolicyState!);
                     if (routing.Trace is not null) routing.Trace.AbsorbRow(sub.Trace!, row);
                     prefixRuns.Add((prefix, single, start, hidden, sub.Collector?.Take()));
@@ -169,7 +170,7 @@ internal static class PrivilegedPrefill
                 var labelTensor = tensor(restLabels, [b, t2], dtype: ScalarType.Byte, device: device);
                 Tensor h2;
                 using (routing.SwapLabels(labelTensor))
-                    h2 = model.ForwardCore(restEmb, work, maskTensor, routing);
+                    h2 = model.ForwardCore(restEmb, work, maskTensor, routing, adapters);
 
                 // 4. Back into the call's layout.
                 var outFlat = zeros([b * t, h2.shape[2]], dtype: h2.dtype, device: device);

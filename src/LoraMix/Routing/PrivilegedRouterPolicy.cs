@@ -59,8 +59,10 @@ public sealed class PrivilegedRouterPolicy : IRouterPolicy
         var input = step.Input;
         long b = input.shape[0], t = input.shape[1], h = input.shape[2];
         int e = step.Strategy.NumExperts;
-        var state = PrivilegedRoutingState.For(routing, b);
-        var frame = state.Frame(routing, step.Context.TokenMask, b, t, input.device);
+        var rows = step.Context.Rows;   // a sub-batch of the call (rows of other adapters elsewhere), or null: all rows
+        var state = PrivilegedRoutingState.For(routing, rows is null ? b : routing.Batch);
+        var frame = rows is null ? state.Frame(routing, step.Context.TokenMask, b, t, input.device)
+            : state.Frame(routing, routing.TokenMask, routing.Batch, t, input.device).Select(rows, input.device);
         var dtype = input.dtype;
 
         // The router runs on the routed rows only: a frozen (or padding) token's hidden state is never read.
@@ -77,13 +79,15 @@ public sealed class PrivilegedRouterPolicy : IRouterPolicy
         var routedMask = frame.Routed;                                       // [B, T] bool
 
         // This layer's snapshot after the routed tokens of this step (they all precede the row's frozen tokens).
-        var layer = state.Layer(step.Layer, b, e, dtype, input.device);
-        var last = frame.RoutedCount == 0 ? layer.Last
-            : where(frame.HasNewRouted.unsqueeze(1), ownProbabilities.index_select(0, frame.LastRoutedIndex), layer.Last);
-        var sum = frame.RoutedCount == 0 ? layer.Sum : layer.Sum + (probabilities * routedMask.unsqueeze(-1).to(dtype)).sum(1);
+        var layer = state.Layer(step.Adapter, step.Layer, state.Batch, e, dtype, input.device);
+        var rowIndex = rows is null ? null : tensor(rows.Select(r => (long)r).ToArray(), device: input.device);
+        var (layerLast, layerSum) = rowIndex is null ? (layer.Last, layer.Sum) : (layer.Last.index_select(0, rowIndex), layer.Sum.index_select(0, rowIndex));
+        var last = frame.RoutedCount == 0 ? layerLast
+            : where(frame.HasNewRouted.unsqueeze(1), ownProbabilities.index_select(0, frame.LastRoutedIndex), layerLast);
+        var sum = frame.RoutedCount == 0 ? layerSum : layerSum + (probabilities * routedMask.unsqueeze(-1).to(dtype)).sum(1);
         var snapshot = Snapshot == PrivilegedSnapshot.Last ? last
             : where(frame.PooledCount.unsqueeze(1) > 0, sum / frame.PooledCount.clamp_min(1).unsqueeze(1).to(dtype), uniform.narrow(0, 0, b));
-        layer.Store(frame.RoutedCount > 0 ? (last, sum) : null, routing.Steps);   // no routed token: unchanged
+        layer.Store(frame.RoutedCount > 0 ? (last, sum) : null, routing.Steps, rowIndex);   // no routed token: unchanged
 
         var own = step.Strategy.Select(probabilities, routedMask);
         if (!frame.AnyFrozen)
@@ -127,7 +131,7 @@ public sealed class PrivilegedRoutingState : IDisposable
     private readonly long[] _seen;             // real tokens per row so far
     private readonly long[] _routed;           // routed (privileged-prefix) tokens per row so far
     private readonly long[] _firstUntrusted;   // position among real tokens, or -1
-    private readonly Dictionary<int, LayerSnapshot> _layers = [];
+    private readonly Dictionary<(string Adapter, int Layer), LayerSnapshot> _layers = [];
     private StepFrame? _frame;
     private KvCache? _cache;                   // the cache this state's sequence lives in (null: cache-free calls)
     private long _nextSlot;                    // the cache slot its next call must start at
@@ -187,9 +191,45 @@ public sealed class PrivilegedRoutingState : IDisposable
         public required Tensor HasNewRouted;       // bool [B]
         public required Tensor PooledCount;        // int64 [B] routed tokens so far, this step included
         public required bool AnyFrozen;
+        private readonly Dictionary<string, StepFrame> _subsets = new(StringComparer.Ordinal);
+
+        /// <summary>The frame of rows <paramref name="rows"/> of the call (computed once per step and row set): flat indices
+        /// renumbered for the sub-batch.</summary>
+        public StepFrame Select(int[] rows, Device device)
+        {
+            string key = string.Join(",", rows);
+            if (_subsets.TryGetValue(key, out var cached)) return cached;
+            using var scope = NewDisposeScope();
+            long t = Routed.shape[1];
+            var index = tensor(rows.Select(r => (long)r).ToArray(), device: device);
+            var routed = Routed.index_select(0, index);
+            var routedIndex = routed.reshape(-1).nonzero().squeeze(1);
+            var local = arange(rows.Length, dtype: ScalarType.Int64, device: device) * t;
+            var lastRouted = LastRoutedIndex.index_select(0, index) - index * t + local;
+            var hasNew = HasNewRouted.index_select(0, index);
+            var frame = new StepFrame
+            {
+                Step = Step,
+                Routed = routed.DetachFromDisposeScope(),
+                RoutedIndex = routedIndex.DetachFromDisposeScope(),
+                RoutedCount = routedIndex.shape[0],
+                LastRoutedIndex = where(hasNew, lastRouted, zeros_like(lastRouted)).DetachFromDisposeScope(),
+                HasNewRouted = hasNew.DetachFromDisposeScope(),
+                PooledCount = PooledCount.index_select(0, index).DetachFromDisposeScope(),
+                AnyFrozen = rows.Any(r => FrozenRows[r]),
+                FrozenRows = rows.Select(r => FrozenRows[r]).ToArray(),
+            };
+            _subsets[key] = frame;
+            return frame;
+        }
+
+        /// <summary>Per row: whether a real token of the row is frozen in this step.</summary>
+        public required bool[] FrozenRows;
 
         public void Dispose()
         {
+            foreach (var f in _subsets.Values) f.Dispose();
+            _subsets.Clear();
             Routed.Dispose();
             RoutedIndex.Dispose();
             LastRoutedIndex.Dispose();
@@ -215,6 +255,7 @@ public sealed class PrivilegedRoutingState : IDisposable
         var routedIndex = new List<long>();
         var lastRouted = new long[b];
         var hasNew = new bool[b];
+        var frozenRows = new bool[b];
         bool anyFrozen = false;
         for (int row = 0; row < b; row++)
         {
@@ -230,7 +271,7 @@ public sealed class PrivilegedRoutingState : IDisposable
                     _firstUntrusted[row] = _seen[row];
                 }
                 _seen[row]++;
-                if (_frozen[row]) { anyFrozen = true; continue; }
+                if (_frozen[row]) { anyFrozen = true; frozenRows[row] = true; continue; }
                 routed[n] = true;
                 routedIndex.Add(n);
                 lastRouted[row] = n;
@@ -249,6 +290,7 @@ public sealed class PrivilegedRoutingState : IDisposable
             HasNewRouted = tensor(hasNew, device: device).DetachFromDisposeScope(),
             PooledCount = tensor(_routed.ToArray(), device: device).DetachFromDisposeScope(),
             AnyFrozen = anyFrozen,
+            FrozenRows = frozenRows,
         };
         return _frame;
     }
@@ -259,15 +301,17 @@ public sealed class PrivilegedRoutingState : IDisposable
         public required Tensor Sum;    // [B, E] sum of routed distributions
         public int StoredStep = -1;
 
-        /// <summary>Keeps detached copies for later steps (once per step; a layer routes once per forward call).</summary>
-        public void Store((Tensor Last, Tensor Sum)? update, int step)
+        /// <summary>Keeps detached copies for later steps (once per step; a layer routes an adapter once per forward
+        /// call). <paramref name="rows"/>: the rows the update covers (a sub-batch), or null for all.</summary>
+        public void Store((Tensor Last, Tensor Sum)? update, int step, Tensor? rows = null)
         {
             if (StoredStep == step) throw new InvalidOperationException("privileged routing: a layer routed twice in one forward call");
             StoredStep = step;
             if (update is not { } u) return;
             var (last, sum) = u;
-            var newLast = last.detach().clone().DetachFromDisposeScope();
-            var newSum = sum.detach().clone().DetachFromDisposeScope();
+            using var noGrad = no_grad();
+            var newLast = (rows is null ? last.detach().clone() : Last.index_copy(0, rows, last.detach())).DetachFromDisposeScope();
+            var newSum = (rows is null ? sum.detach().clone() : Sum.index_copy(0, rows, sum.detach())).DetachFromDisposeScope();
             Last.Dispose();
             Sum.Dispose();
             Last = newLast;
@@ -329,9 +373,9 @@ public sealed class PrivilegedRoutingState : IDisposable
         _routed[row] = single._routed[0];
         _firstUntrusted[row] = single._firstUntrusted[0];
         using var noGrad = no_grad();
-        foreach (var (layer, s) in single._layers)
+        foreach (var ((adapter, layer), s) in single._layers)
         {
-            var mine = Layer(layer, Batch, (int)s.Last.shape[1], s.Last.dtype, s.Last.device);
+            var mine = Layer(adapter, layer, Batch, (int)s.Last.shape[1], s.Last.dtype, s.Last.device);
             mine.Last.narrow(0, row, 1).copy_(s.Last);
             mine.Sum.narrow(0, row, 1).copy_(s.Sum);
         }
@@ -355,10 +399,13 @@ public sealed class PrivilegedRoutingState : IDisposable
         _nextSlot = nextSlot;
     }
 
-    internal LayerSnapshot Layer(int layer, long b, int e, ScalarType dtype, Device device)
+    /// <summary>The snapshot of <paramref name="adapter"/>'s router in <paramref name="layer"/> (each adapter's routers
+    /// keep their own; rows that never route that adapter keep the uniform start).</summary>
+    internal LayerSnapshot Layer(string? adapter, int layer, long b, int e, ScalarType dtype, Device device)
     {
-        if (!_layers.TryGetValue(layer, out var s))
-            _layers[layer] = s = new LayerSnapshot
+        var key = (adapter ?? "", layer);
+        if (!_layers.TryGetValue(key, out var s))
+            _layers[key] = s = new LayerSnapshot
             {
                 Last = full([b, e], 1.0 / e, dtype: dtype, device: device).DetachFromDisposeScope(),
                 Sum = zeros([b, e], dtype: dtype, device: device).DetachFromDisposeScope(),

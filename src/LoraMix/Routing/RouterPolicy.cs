@@ -29,8 +29,12 @@ public sealed class RouterStep
     public required IRoutingStrategy Strategy { get; init; }
 
     /// <summary>The forward context: token mask, cache position, and <see cref="ForwardContext.Routing"/>
-    /// (privilege labels, policy state).</summary>
+    /// (privilege labels, policy state). When a block routes some rows of the call on their own (a batch that mixes
+    /// adapters), <see cref="ForwardContext.Rows"/> says which rows of the call <see cref="Input"/>'s rows are.</summary>
     public required ForwardContext Context { get; init; }
+
+    /// <summary>The adapter whose router this is (a policy keeps per-adapter state under it), or null.</summary>
+    public string? Adapter { get; init; }
 
     /// <summary>Router logits of every token <c>[B, T, E]</c>, computed from every token's <see cref="Input"/> on first
     /// read.</summary>

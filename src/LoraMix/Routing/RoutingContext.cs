@@ -127,17 +127,23 @@ public sealed class RoutingContext : IDisposable
     }
 
     /// <summary>Called by a mixture-of-experts block after routing. The collector counts the real tokens the router
-    /// routed itself (<paramref name="tokenMask"/> and <see cref="RoutingDecision.Routed"/>).</summary>
-    public void Record(int layer, Tensor logits, RoutingDecision decision, Tensor? tokenMask)
+    /// routed itself (<paramref name="tokenMask"/> and <see cref="RoutingDecision.Routed"/>). <paramref name="rows"/>: the
+    /// rows of the call the decision covers when the block routed a sub-batch (a batch mixing adapters), else null.</summary>
+    /// <exception cref="NotSupportedException">A collector is attached and the block routed a sub-batch: router losses
+    /// train one adapter, on batches whose rows all select it.</exception>
+    public void Record(int layer, Tensor logits, RoutingDecision decision, Tensor? tokenMask, int[]? rows = null, string? adapter = null)
     {
         if (Collector is not null)
         {
+            if (rows is not null)
+                throw new NotSupportedException($"the router-logit collector needs every row of the batch on one mixture adapter, but layer {layer} " +
+                                                $"routed {rows.Length} of {Batch} rows for adapter '{adapter}'; collect router logits on batches of one adapter");
             using var scope = NewDisposeScope();
             Tensor? counted = decision.Routed is null ? tokenMask
                 : tokenMask is null ? decision.Routed : tokenMask.to(ScalarType.Bool).logical_and(decision.Routed);
             Collector.Add(layer, logits, decision, counted);
         }
-        Trace?.Add(layer, decision);
+        Trace?.Add(layer, decision, rows);
     }
 
     /// <summary>Disposes and forgets <see cref="PolicyState"/> (a new sequence starts).</summary>

@@ -24,7 +24,7 @@ public sealed class RoutingTrace
         public required bool[] Real;                  // [B*T]
         public required int Index;                    // the forward call it belongs to
         public int[]? Rows;                           // batch row of each local row; null: the rows are the batch's
-        public readonly List<(int Layer, long K, long[] Experts, float[] Weights, bool[]? Active)> Layers = [];
+        public readonly List<(int Layer, long K, long[] Experts, float[] Weights, bool[]? Active, int[]? Rows)> Layers = [];
     }
 
     private readonly List<Step> _steps = [];
@@ -56,7 +56,9 @@ public sealed class RoutingTrace
         rowTrace._calls = 0;
     }
 
-    internal void Add(int layer, RoutingDecision d)
+    /// <summary>Records one layer's decision of the current step; <paramref name="rows"/>: the step's rows it covers (a
+    /// block that routed a sub-batch), or null for all.</summary>
+    internal void Add(int layer, RoutingDecision d, int[]? rows = null)
     {
         if (_steps.Count == 0) throw new InvalidOperationException("routing trace: a layer reported before the forward call began");
         using var scope = NewDisposeScope();
@@ -64,7 +66,7 @@ public sealed class RoutingTrace
         var experts = d.Experts.detach().to(ScalarType.Int64).cpu().reshape(-1).data<long>().ToArray();
         var weights = d.Weights.detach().to(ScalarType.Float32).cpu().reshape(-1).data<float>().ToArray();
         var active = d.Active?.detach().cpu().reshape(-1).data<bool>().ToArray();
-        _steps[^1].Layers.Add((layer, k, experts, weights, active));
+        _steps[^1].Layers.Add((layer, k, experts, weights, active, rows));
     }
 
     /// <summary>The routed real tokens of a batch row, in order, across every recorded step.</summary>
@@ -87,13 +89,20 @@ public sealed class RoutingTrace
                 long n = local * step.Length + t;
                 if (!step.Real[n]) continue;
                 var layers = new List<LayerRoute>(step.Layers.Count);
-                foreach (var (_, k, experts, weights, active) in step.Layers)
+                foreach (var (_, k, experts, weights, active, rows) in step.Layers)
                 {
+                    long m = n;
+                    if (rows is not null)
+                    {
+                        int sub = Array.IndexOf(rows, (int)local);
+                        if (sub < 0) continue;   // the row ran another adapter (or none) in this layer
+                        m = sub * step.Length + t;
+                    }
                     var e = new List<int>((int)k);
                     var w = new List<float>((int)k);
                     for (long j = 0; j < k; j++)
                     {
-                        long i = n * k + j;
+                        long i = m * k + j;
                         if (active is not null && !active[i]) continue;
                         e.Add((int)experts[i]);
                         w.Add(weights[i]);

@@ -11,6 +11,10 @@ public sealed class CollatedBatch : IDisposable
     /// <summary>The label value that cross-entropy ignores (PyTorch's and Hugging Face's convention).</summary>
     public const long IgnoreIndex = -100;
 
+    /// <summary>The adapters the batch's rows run in the forward pass (set by the trainer from its target), or null for
+    /// the base model. Objectives pass it to <see cref="Modeling.LlamaForCausalLM.Forward"/>.</summary>
+    public Modeling.AdapterSelection? Adapters { get; set; }
+
     internal CollatedBatch(Tensor inputIds, Tensor labels, int targetTokens, int realTokens, int[] lengths, Tensor? privileges = null)
     {
         Privileges = privileges;

@@ -38,11 +38,11 @@ public sealed class MixLoraObjective(MixLoraConfig config) : ITrainingObjective
         using var routing = new RoutingContext { Collector = new RouterLogitsCollector() };
         batch.ApplyPrivileges(routing);
         var padding = batch.PaddingMask();
-        var logits = model.Forward(batch.InputIds, routing: routing);
+        var logits = model.Forward(batch.InputIds, routing: routing, adapters: batch.Adapters);
         var ce = CausalLmObjective.ShiftedCrossEntropySum(logits, batch.Labels);
         var collector = routing.Collector!;
         if (collector.Records.Count == 0)
-            throw new LoraMixException("the MixLoRA objective saw no router output: is a MixLoRA adapter attached and active?");
+            throw new LoraMixException("the MixLoRA objective saw no router output: is a MixLoRA adapter attached and selected (TrainingTarget.Adapters, CollatedBatch.Adapters)?");
         // Real tokens the router routed on their own hidden state (the record's mask excludes frozen tokens; null: all).
         Tensor Counted(RouterRecord r) => r.TokenMask is null ? padding : padding * r.TokenMask.to(ScalarType.Int64);
         var terms = MixLoraLosses.Compute(Config, collector, Counted(collector.Records[0]));

@@ -246,6 +246,7 @@ public sealed partial class Trainer
     {
         using var scope = NewDisposeScope();
         var batches = micro.Select(b => _collator.Collate(b, Model.Device)).ToList();
+        foreach (var b in batches) b.Adapters = _target.Adapters;
         long targets = batches.Sum(b => (long)b.TargetTokens);
         long tokens = batches.Sum(b => (long)b.RealTokens);
         optimizer.ZeroGrad();
@@ -328,12 +329,12 @@ public sealed partial class Trainer
     private void CheckPrivilegeRequirements(IReadOnlyList<TrainingExample> examples)
     {
         // a learned privilege embedding reads every token's label: text data (no chat roles) has none
-        if (Model.Model.EmbedTokens.ActivePrivilegeEmbedding is { } ise && examples.Any(e => e.Privileges is null))
+        if (Model.Model.EmbedTokens.PrivilegeEmbeddingsFor(_target.Adapters) is [var ise, ..] && examples.Any(e => e.Privileges is null))
             throw new LoraMixException($"adapter '{ise}' has privilege_embedding: true, which needs a privilege label on every token, but " +
                                        $"{examples.Count(e => e.Privileges is null)} of {examples.Count} examples have none (text data); " +
                                        "use a chat dataset (messages with roles) or set privilege_embedding: false");
         if (!_options.Packing || !examples.Any(e => e.HasUntrusted)) return;
-        bool privileged = MixLoraAdapters.Blocks(Model).Any(b => b.ActiveAdapter is { } a && b.GetAdapter(a).Policy is PrivilegedRouterPolicy);
+        bool privileged = Model.Model.Layers.Any(l => l.FeedForward.RouterPoliciesFor(null, _target.Adapters).Any(p => p.FreezesOnUntrusted));
         if (privileged)
             throw new LoraMixException("packing is not supported with router_policy \"privileged\" when the data has untrusted ('data') messages: " +
                                        "an untrusted token would freeze the routing of the examples packed after it; set packing: false");
@@ -342,7 +343,7 @@ public sealed partial class Trainer
     private EvalMetrics EvaluatePrepared(IReadOnlyList<TrainingExample> data, int step, double epoch)
     {
         int bs = _options.EvalBatchSize > 0 ? _options.EvalBatchSize : _options.BatchSize;
-        try { return EvaluateBatches(Model, _collator, _objective, data, bs, step, epoch); }
+        try { return EvaluateBatches(Model, _collator, _objective, data, bs, step, epoch, _target.Adapters); }
         finally { Model.train(); }
     }
 
@@ -352,7 +353,7 @@ public sealed partial class Trainer
     /// model is left in eval mode.
     /// </summary>
     public static EvalMetrics Evaluate(LlamaForCausalLM model, IReadOnlyList<TrainingExample> examples, int cutoffLen, int batchSize = 8,
-        int padTokenId = 0, ITrainingObjective? objective = null)
+        int padTokenId = 0, ITrainingObjective? objective = null, AdapterSelection? adapters = null)
     {
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(examples);
@@ -361,11 +362,11 @@ public sealed partial class Trainer
         var collator = new DataCollator(Math.Min(cutoffLen, model.Config.MaxPositionEmbeddings), padTokenId);
         var prepared = collator.Prepare(examples, out _);
         if (prepared.Count == 0) throw new LoraMixException($"no evaluation example has a target token within cutoff_len {cutoffLen}");
-        return EvaluateBatches(model, collator, objective ?? CausalLmObjective.Instance, prepared, batchSize, 0, 0);
+        return EvaluateBatches(model, collator, objective ?? CausalLmObjective.Instance, prepared, batchSize, 0, 0, adapters);
     }
 
     private static EvalMetrics EvaluateBatches(LlamaForCausalLM model, DataCollator collator, ITrainingObjective objective,
-        IReadOnlyList<TrainingExample> data, int bs, int step, double epoch)
+        IReadOnlyList<TrainingExample> data, int bs, int step, double epoch, AdapterSelection? adapters)
     {
         var clock = Stopwatch.StartNew();
         double sum = 0;
@@ -377,6 +378,7 @@ public sealed partial class Trainer
         {
             using var scope = NewDisposeScope();
             using var batch = collator.Collate(data.Skip(i).Take(bs).ToList(), model.Device);
+            batch.Adapters = adapters;
             var output = objective.Compute(model, batch, training: false);
             sum += output.TargetLossSum.to(ScalarType.Float64).item<double>();
             targets += batch.TargetTokens;

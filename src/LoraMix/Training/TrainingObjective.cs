@@ -44,10 +44,11 @@ public sealed class CausalLmObjective : ITrainingObjective
 
     public ObjectiveOutput Compute(LlamaForCausalLM model, CollatedBatch batch, bool training)
     {
-        if (batch.Privileges is null && RouterPolicy is null) return new(ShiftedCrossEntropySum(model.Forward(batch.InputIds), batch.Labels));
+        if (batch.Privileges is null && RouterPolicy is null)
+            return new(ShiftedCrossEntropySum(model.Forward(batch.InputIds, adapters: batch.Adapters), batch.Labels));
         using var routing = new RoutingContext { Policy = RouterPolicy };
         batch.ApplyPrivileges(routing);
-        return new(ShiftedCrossEntropySum(model.Forward(batch.InputIds, routing: routing), batch.Labels));
+        return new(ShiftedCrossEntropySum(model.Forward(batch.InputIds, routing: routing, adapters: batch.Adapters), batch.Labels));
     }
 
     /// <summary>Σ CE(logits[:, t−1], labels[:, t]) over labels ≠ -100, in fp32 (a 0-d tensor).</summary>

@@ -23,6 +23,10 @@ public sealed record TrainingTarget(
     Action<string> LoadWeights,
     string Description)
 {
+    /// <summary>The adapters the trained model's forward pass runs (the trained adapter; the base model for full
+    /// fine-tuning). The trainer sets it on every batch (<see cref="CollatedBatch.Adapters"/>).</summary>
+    public AdapterSelection Adapters { get; init; } = AdapterSelection.Base;
+
     /// <summary>
     /// LoRA: freezes the base model and trains adapter <paramref name="adapterName"/> (attached beforehand with
     /// <see cref="LoraAdapters.Attach"/>); checkpoints hold the adapter in PEFT layout (adapter_config.json +
@@ -31,14 +35,14 @@ public sealed record TrainingTarget(
     public static TrainingTarget Lora(LlamaForCausalLM model, LoraConfig config, string adapterName = "default")
     {
         LoraAdapters.PrepareForTraining(model, adapterName);
-        LoraAdapters.SetActive(model, adapterName);
         var parameters = LoraAdapters.PeftStateDict(model, adapterName)
             .Select(kv => new TrainableParameter(kv.Key, (TorchSharp.Modules.Parameter)kv.Value, Decay: true)).ToList();
         var saveConfig = config with { InferenceMode = true };
         return new TrainingTarget(model, parameters,
             dir => LoraAdapters.Save(model, saveConfig, dir, adapterName),
             dir => LoadByName(Path.Combine(dir, LoraAdapters.WeightsFileName), parameters),
-            $"LoRA adapter '{adapterName}' (r={config.R}, alpha={config.LoraAlpha}, {parameters.Count} tensors, {parameters.Sum(p => p.Parameter.numel()):N0} parameters)");
+            $"LoRA adapter '{adapterName}' (r={config.R}, alpha={config.LoraAlpha}, {parameters.Count} tensors, {parameters.Sum(p => p.Parameter.numel()):N0} parameters)")
+        { Adapters = AdapterSelection.Of(adapterName) };
     }
 
     /// <summary>
@@ -50,14 +54,14 @@ public sealed record TrainingTarget(
     public static TrainingTarget MixLora(LlamaForCausalLM model, MixLoraConfig config, string adapterName = "default")
     {
         MixLoraAdapters.PrepareForTraining(model, adapterName);
-        MixLoraAdapters.SetActive(model, adapterName);
         var parameters = MixLoraAdapters.StateDict(model, adapterName)
             .Select(kv => new TrainableParameter(kv.Key, (TorchSharp.Modules.Parameter)kv.Value, Decay: true)).ToList();
         return new TrainingTarget(model, parameters,
             dir => MixLoraAdapters.Save(model, config, dir, adapterName),
             dir => LoadByName(Path.Combine(dir, MixLoraAdapters.SafetensorsFileName), parameters),
             $"MixLoRA adapter '{adapterName}' ({config.RoutingStrategy}, {config.NumExperts} experts, r={config.R}, " +
-            $"{parameters.Count} tensors, {parameters.Sum(p => p.Parameter.numel()):N0} parameters)");
+            $"{parameters.Count} tensors, {parameters.Sum(p => p.Parameter.numel()):N0} parameters)")
+        { Adapters = AdapterSelection.Of(adapterName) };
     }
 
     /// <summary>

@@ -37,7 +37,7 @@ public sealed class LoraTests : IDisposable
         var before = model.Forward(Ids(1, 5, 9, 200));
         LoraAdapters.Attach(model, AllLinear);
         Assert.Equal(7 * TestModels.Llama.NumHiddenLayers, LoraAdapters.AdaptedLayers(model).Count);
-        Assert.True(before.equal(model.Forward(Ids(1, 5, 9, 200))).all().item<bool>());
+        Assert.True(before.equal(model.Forward(Ids(1, 5, 9, 200), adapters: AdapterSelection.Of("default"))).all().item<bool>());
     }
 
     [Fact]
@@ -57,7 +57,7 @@ public sealed class LoraTests : IDisposable
             sd[path + ".weight"] = sd[path + ".weight"] + d.B.to(ScalarType.Float64).matmul(d.A.to(ScalarType.Float64)) * (8 / Math.Sqrt(4));
         }
         var expected = NaiveLlama.Forward(cfg, sd, ids);
-        double err = TestModels.RelativeError(model.Forward(tensor(ids).unsqueeze(0))[0], expected);
+        double err = TestModels.RelativeError(model.Forward(tensor(ids).unsqueeze(0), adapters: AdapterSelection.Of("default"))[0], expected);
         Assert.True(err < 2e-5, $"relative error {err:E3}");
     }
 
@@ -70,18 +70,18 @@ public sealed class LoraTests : IDisposable
         LoraAdapters.Attach(model, AllLinear);
         RandomizeB(model, "default", 6);
         var ids = Ids(1, 2, 3, 4, 5, 6);
-        var adapted = model.Forward(ids);
+        var adapted = model.Forward(ids, adapters: AdapterSelection.Of("default"));
 
         LoraAdapters.ExportMerged(model, _dir);
         using var merged = LlamaForCausalLM.FromPretrained(_dir);
         Assert.True(TestModels.RelativeError(merged.Forward(ids), adapted) < 1e-5);
 
         LoraAdapters.Merge(model);
-        Assert.True(TestModels.RelativeError(model.Forward(ids), adapted) < 1e-5);
+        Assert.True(TestModels.RelativeError(model.Forward(ids, adapters: AdapterSelection.Of("default")), adapted) < 1e-5);
         LoraAdapters.Unmerge(model);
         var q = ((AdaptedLinear)model.Model.Layers[0].SelfAttention.GetProjection("q_proj")).Weight;
         Assert.True(TestModels.RelativeError(q, originalQ) < 1e-6);
-        Assert.True(TestModels.RelativeError(model.Forward(ids), adapted) < 1e-5);
+        Assert.True(TestModels.RelativeError(model.Forward(ids, adapters: AdapterSelection.Of("default")), adapted) < 1e-5);
     }
 
     [Fact]
@@ -125,12 +125,12 @@ public sealed class LoraTests : IDisposable
 
         model.eval();
         var ids = Ids(1, 9, 8, 7);
-        var expectedLogits = model.Forward(ids);
+        var expectedLogits = model.Forward(ids, adapters: AdapterSelection.Of("default"));
         using var fresh = TestModels.Random(cfg, 7);
         var loadedCfg = LoraAdapters.Load(fresh, _dir);
         fresh.eval();
         Assert.Equal(config with { InferenceMode = loadedCfg.InferenceMode }, loadedCfg with { TargetModules = config.TargetModules });
-        Assert.True(expectedLogits.equal(fresh.Forward(ids)).all().item<bool>());
+        Assert.True(expectedLogits.equal(fresh.Forward(ids, adapters: AdapterSelection.Of("default"))).all().item<bool>());
     }
 
     [Fact]
@@ -166,8 +166,8 @@ public sealed class LoraTests : IDisposable
         var q0 = (AdaptedLinear)model.Model.Layers[0].SelfAttention.GetProjection("q_proj");
         Assert.Equal(2.0, q0.GetAdapter("peft").Scale);
         Assert.True(q0.GetAdapter("peft").A.equal(tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]).all().item<bool>());
-        Assert.False(baseline.equal(model.Forward(Ids(1, 2, 3))).all().item<bool>());
-        LoraAdapters.SetActive(model);   // disabled: back to the base model exactly
+        Assert.False(baseline.equal(model.Forward(Ids(1, 2, 3), adapters: AdapterSelection.Of("peft"))).all().item<bool>());
+        // no selection: back to the base model exactly
         Assert.True(baseline.equal(model.Forward(Ids(1, 2, 3))).all().item<bool>());
     }
 
@@ -204,19 +204,14 @@ public sealed class LoraTests : IDisposable
         LoraAdapters.Attach(model, AllLinear with { TargetModules = ["o_proj"], AllLinear = false }, "y", seed: 2);
         RandomizeB(model, "y", 2);
         model.eval();
-        LoraAdapters.SetActive(model, "x");
-        var x1 = model.Forward(ids);
-        Assert.True(x1.equal(model.Forward(ids)).all().item<bool>());            // eval: no dropout
-        LoraAdapters.SetActive(model, "y");
-        var y = model.Forward(ids);
+        var x1 = model.Forward(ids, adapters: AdapterSelection.Of("x"));
+        Assert.True(x1.equal(model.Forward(ids, adapters: AdapterSelection.Of("x"))).all().item<bool>());            // eval: no dropout
+        var y = model.Forward(ids, adapters: AdapterSelection.Of("y"));
         Assert.False(x1.equal(y).all().item<bool>());
-        LoraAdapters.SetActive(model, "x", "y");
-        Assert.False(model.Forward(ids).equal(x1).all().item<bool>());
-        LoraAdapters.SetActive(model);
+        Assert.False(model.Forward(ids, adapters: AdapterSelection.Of(AdapterChoice.Compose(["x", "y"]))).equal(x1).all().item<bool>());
         Assert.True(baseLogits.equal(model.Forward(ids)).all().item<bool>());
         model.train();
-        LoraAdapters.SetActive(model, "x");
-        Assert.False(model.Forward(ids).equal(model.Forward(ids)).all().item<bool>());   // train: dropout on
+        Assert.False(model.Forward(ids, adapters: AdapterSelection.Of("x")).equal(model.Forward(ids, adapters: AdapterSelection.Of("x"))).all().item<bool>());   // train: dropout on
     }
 
     [Fact]
@@ -229,7 +224,7 @@ public sealed class LoraTests : IDisposable
         Assert.Equal(2 * 7 * 3, trainable.Count);
         Assert.Equal(trainable.Count, model.parameters().Count(p => p.requires_grad));
         RandomizeB(model, "default", 9);
-        var logits = model.Forward(Ids(1, 2, 3, 4));
+        var logits = model.Forward(Ids(1, 2, 3, 4), adapters: AdapterSelection.Of("default"));
         logits.sum().backward();
         Assert.All(trainable, p => Assert.NotNull(p.grad));
         Assert.Null(model.Model.EmbedTokens.Weight.grad);
@@ -250,9 +245,9 @@ public sealed class LoraTests : IDisposable
             TorchPickleWriter.Write(Path.Combine(_dir, "adapter_model.bin"), st.TensorNames.Select(n => new KeyValuePair<string, Tensor>(n, st.ReadTensor(n))).ToList());
         File.Delete(Path.Combine(_dir, "adapter_model.safetensors"));
         var ids = Ids(1, 3, 5);
-        var expected = model.Forward(ids);
+        var expected = model.Forward(ids, adapters: AdapterSelection.Of("default"));
         using var fresh = TestModels.Random(cfg, 12);
         LoraAdapters.Load(fresh, _dir);
-        Assert.True(expected.equal(fresh.Forward(ids)).all().item<bool>());
+        Assert.True(expected.equal(fresh.Forward(ids, adapters: AdapterSelection.Of("default"))).all().item<bool>());
     }
 }

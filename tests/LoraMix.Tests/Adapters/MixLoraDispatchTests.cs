@@ -174,12 +174,12 @@ public sealed class MixLoraDispatchTests
         model.eval();
         Assert.All(MixLoraAdapters.Blocks(model), b => Assert.Equal(MixLoraDispatch.Sparse, b.Dispatch));
         var ids = tensor(new long[] { 1, 7, 9, 4, 200, 31, 5 }).unsqueeze(0);
-        var sparse = model.Forward(ids);
+        var sparse = model.Forward(ids, adapters: MixLoraTestKit.Default);
         MixLoraAdapters.SetDispatch(model, MixLoraDispatch.Dense);
-        var dense = model.Forward(ids);
+        var dense = model.Forward(ids, adapters: MixLoraTestKit.Default);
         Assert.True(TestModels.RelativeError(dense, sparse) < 1e-5);
         MixLoraAdapters.SetDispatch(model, MixLoraDispatch.Sparse);
-        Assert.True(model.Forward(ids).equal(sparse).all().item<bool>());
+        Assert.True(model.Forward(ids, adapters: MixLoraTestKit.Default).equal(sparse).all().item<bool>());
     }
 
     [Fact]
@@ -239,7 +239,7 @@ public sealed class MixLoraDispatchTests
         MixLoraAdapters.Attach(model, MixLoraTestKit.Config());
         Assert.All(model.Model.Layers, l => Assert.IsType<MixLoraFeedForward>(l.FeedForward));
         model.eval();
-        Assert.True(TestModels.RelativeError(model.Forward(ids), before) < 1e-6);   // B = 0: weights sum to 1, deltas 0
+        Assert.True(TestModels.RelativeError(model.Forward(ids, adapters: MixLoraTestKit.Default), before) < 1e-6);   // B = 0: weights sum to 1, deltas 0
         MixLoraAdapters.Remove(model, "default");
         Assert.All(model.Model.Layers, l => Assert.IsType<LlamaMlp>(l.FeedForward));
         Assert.True(model.Forward(ids).equal(before).all().item<bool>());
@@ -253,13 +253,13 @@ public sealed class MixLoraDispatchTests
         model.eval();
         var ids = TestModels.RandomIds(12, 512, 3);
         var full = new RoutingContext { Trace = new RoutingTrace() };
-        var expected = model.Forward(tensor(ids).unsqueeze(0), routing: full)[0];
+        var expected = model.Forward(tensor(ids).unsqueeze(0), routing: full, adapters: MixLoraTestKit.Default)[0];
 
         using var cache = model.CreateCache(1, 32);
         var stepwise = new RoutingContext { Trace = new RoutingTrace() };
-        var logits = new List<Tensor> { model.Forward(tensor(ids[..5]).unsqueeze(0), cache, routing: stepwise)[0] };
+        var logits = new List<Tensor> { model.Forward(tensor(ids[..5]).unsqueeze(0), cache, routing: stepwise, adapters: MixLoraTestKit.Default)[0] };
         for (int i = 5; i < ids.Length; i++)
-            logits.Add(model.Forward(tensor(new[] { ids[i] }).unsqueeze(0), cache, routing: stepwise)[0]);
+            logits.Add(model.Forward(tensor(new[] { ids[i] }).unsqueeze(0), cache, routing: stepwise, adapters: MixLoraTestKit.Default)[0]);
         var actual = cat(logits, 0);
         double err = TestModels.RelativeError(actual, expected);
         Assert.True(err < 1e-4, $"relative error {err:E3}");
@@ -291,11 +291,11 @@ public sealed class MixLoraDispatchTests
         model.eval();
         long[] shortIds = [5, 6, 7], longIds = [9, 8, 7, 6, 5];
         var alone = new RoutingContext { Trace = new RoutingTrace() };
-        var expected = model.Forward(tensor(shortIds).unsqueeze(0), routing: alone)[0];
+        var expected = model.Forward(tensor(shortIds).unsqueeze(0), routing: alone, adapters: MixLoraTestKit.Default)[0];
         var batch = tensor(new long[] { 0, 0, 5, 6, 7, 9, 8, 7, 6, 5 }).view(2, 5);
         var mask = tensor(new long[] { 0, 0, 1, 1, 1, 1, 1, 1, 1, 1 }).view(2, 5);
         var batched = new RoutingContext { Trace = new RoutingTrace(), Collector = new RouterLogitsCollector() };
-        var logits = model.Forward(batch, attentionMask: mask, routing: batched);
+        var logits = model.Forward(batch, attentionMask: mask, routing: batched, adapters: MixLoraTestKit.Default);
         Assert.True(TestModels.RelativeError(logits[0].narrow(0, 2, 3), expected) < 1e-4);
         var row0 = batched.Trace!.Row(0);
         Assert.Equal(3, row0.Count);   // padding is not traced
@@ -316,9 +316,9 @@ public sealed class MixLoraDispatchTests
         using var model = MixLoraTestKit.Model(config, 11);
         var ids = tensor(new long[] { 3, 1, 4, 1, 5, 9 }).unsqueeze(0);
         model.eval();
-        Assert.True(model.Forward(ids).equal(model.Forward(ids)).all().item<bool>());
+        Assert.True(model.Forward(ids, adapters: MixLoraTestKit.Default).equal(model.Forward(ids, adapters: MixLoraTestKit.Default)).all().item<bool>());
         model.train();
-        Assert.False(model.Forward(ids).equal(model.Forward(ids)).all().item<bool>());
+        Assert.False(model.Forward(ids, adapters: MixLoraTestKit.Default).equal(model.Forward(ids, adapters: MixLoraTestKit.Default)).all().item<bool>());
     }
 
     [Fact]
@@ -334,7 +334,7 @@ public sealed class MixLoraDispatchTests
         Assert.Equal(trainable.Sum(p => p.numel()), MixLoraAdapters.ParameterCount(model));
         var collector = new RouterLogitsCollector();
         var routing = new RoutingContext { Collector = collector };
-        var logits = model.Forward(tensor(new long[] { 1, 2, 3, 4, 5, 6 }).unsqueeze(0), routing: routing);
+        var logits = model.Forward(tensor(new long[] { 1, 2, 3, 4, 5, 6 }).unsqueeze(0), routing: routing, adapters: MixLoraTestKit.Default);
         var loss = logits.pow(2).mean() + MixLoraLosses.Compute(config, collector).Total;
         loss.backward();
         Assert.All(trainable, p => Assert.True(p.grad is not null && p.grad.abs().sum().item<float>() > 0));
@@ -367,7 +367,7 @@ public sealed class MixLoraDispatchTests
         model.eval();
         var policy = new FirstExpertPolicy();
         var routing = new RoutingContext { Policy = policy, Trace = new RoutingTrace() };
-        model.Forward(tensor(new long[] { 4, 5, 6 }).unsqueeze(0), routing: routing);
+        model.Forward(tensor(new long[] { 4, 5, 6 }).unsqueeze(0), routing: routing, adapters: MixLoraTestKit.Default);
         Assert.Equal([0, 1, 2], policy.Layers);
         Assert.All(routing.Trace!.Row(0), t => Assert.All(t.Layers, l => Assert.Equal([0], l.Experts)));
     }
@@ -386,7 +386,7 @@ public sealed class MixLoraDispatchTests
         {
             using var scope = NewDisposeScope();
             var ids = tensor(new long[] { 1, 2, 3, 4, 5, 6, 7, 8 }).view(2, 4);
-            var logits = model.Forward(ids, attentionMask: ones(2, 4, dtype: ScalarType.Int64), routing: routing);
+            var logits = model.Forward(ids, attentionMask: ones(2, 4, dtype: ScalarType.Int64), routing: routing, adapters: MixLoraTestKit.Default);
             var loss = logits.pow(2).mean() + MixLoraLosses.Compute(config, routing.Collector!).Total;
             loss.backward();
             counts.Add(stats.ThreadTotalLiveCount);
@@ -401,7 +401,7 @@ public sealed class MixLoraDispatchTests
             for (int step = 0; step < 10; step++)
             {
                 using var scope = NewDisposeScope();
-                model.Forward(tensor(new long[] { step + 1 }).unsqueeze(0), cache, routing: trace);
+                model.Forward(tensor(new long[] { step + 1 }).unsqueeze(0), cache, routing: trace, adapters: MixLoraTestKit.Default);
                 counts.Add(stats.ThreadTotalLiveCount);
             }
         Assert.Equal(counts[2], counts[^1]);

@@ -112,7 +112,7 @@ public sealed class MixLoraFormatTests : IDisposable
         var config = MixLoraTestKit.Config(MixLoraConfig.TopPStrategy) with { BaseModelNameOrPath = "tiny" };
         using var model = MixLoraTestKit.Model(config, 4);
         model.eval();
-        var expected = model.Forward(Ids());
+        var expected = model.Forward(Ids(), adapters: MixLoraTestKit.Default);
         MixLoraAdapters.Save(model, config, _dir, formats: format);
         Assert.Equal(format.HasFlag(AdapterFileFormats.TorchBin), File.Exists(Path.Combine(_dir, "adapter_model.bin")));
         Assert.Equal(format.HasFlag(AdapterFileFormats.Safetensors), File.Exists(Path.Combine(_dir, "adapter_model.safetensors")));
@@ -120,7 +120,7 @@ public sealed class MixLoraFormatTests : IDisposable
         using var fresh = TestModels.Random(TestModels.Llama, 4);
         var loaded = MixLoraAdapters.Load(fresh, _dir, "again");
         fresh.eval();
-        Assert.True(expected.equal(fresh.Forward(Ids())).all().item<bool>());
+        Assert.True(expected.equal(fresh.Forward(Ids(), adapters: AdapterSelection.Of("again"))).all().item<bool>());
         Assert.Equal(config with { ActFn = "silu" }, loaded with { TargetModules = config.TargetModules });
     }
 
@@ -180,10 +180,10 @@ public sealed class MixLoraFormatTests : IDisposable
         Assert.True(block.GetAdapter("default").RouterWeight.equal(tensors.Single(t => t.Key == "mixlora.layers.1.mlp.moe_gate.weight").Value).all().item<bool>());
         Assert.True(block.GetAdapter("default").Experts[2].Get("down_proj")!.B
             .equal(tensors.Single(t => t.Key == "mixlora.layers.1.mlp.down_proj.experts.2.lora_B.weight").Value).all().item<bool>());
-        var logits = model.Forward(Ids());
+        var logits = model.Forward(Ids(), adapters: MixLoraTestKit.Default);
         Assert.True(logits.isfinite().all().item<bool>());
         Assert.False(logits.equal(baseLogits).all().item<bool>());
-        MixLoraAdapters.SetActive(model, null);
+        // no selection: the base model
         Assert.True(model.Forward(Ids()).equal(baseLogits).all().item<bool>());
     }
 
@@ -194,7 +194,7 @@ public sealed class MixLoraFormatTests : IDisposable
         var config = MixLoraTestKit.Config();
         using var model = MixLoraTestKit.Model(config, 7);
         model.eval();
-        var expected = model.Forward(Ids());
+        var expected = model.Forward(Ids(), adapters: MixLoraTestKit.Default);
         // legacy m-LoRA: mixlora.layers.L.gate.weight, mixlora.layers.L.experts.E.w1_proj|w2_proj|w3_proj.lora_X.weight
         string Legacy(string key)
         {
@@ -220,7 +220,7 @@ public sealed class MixLoraFormatTests : IDisposable
         var loaded = MixLoraAdapters.Load(fresh, _dir);
         fresh.eval();
         Assert.Equal(MixLoraConfig.TopKStrategy, loaded.RoutingStrategy);
-        Assert.True(expected.equal(fresh.Forward(Ids())).all().item<bool>());
+        Assert.True(expected.equal(fresh.Forward(Ids(), adapters: MixLoraTestKit.Default)).all().item<bool>());
     }
 
     [Fact]

@@ -120,7 +120,7 @@ public sealed class MixLoraLossTests
         using var routing = new RoutingContext { Collector = new RouterLogitsCollector() };
         var ids = tensor(new long[] { 0, 0, 4, 5, 6, 7, 8, 9 }).view(2, 4);
         var mask = tensor(new long[] { 0, 0, 1, 1, 1, 1, 1, 1 }).view(2, 4);
-        model.Forward(ids, attentionMask: mask, routing: routing);
+        model.Forward(ids, attentionMask: mask, routing: routing, adapters: MixLoraTestKit.Default);
         var logits = routing.Collector!.Logits;
         Assert.Equal(3, logits.Count);
         Assert.All(logits, l => Assert.Equal([2L, 4, 4], l.shape));
@@ -151,9 +151,9 @@ public sealed class MixLoraLossTests
         model.eval();
         using var routing = new RoutingContext { Collector = new RouterLogitsCollector(), Trace = new RoutingTrace() };
         var stats = new RoutingStatistics();
-        model.Forward(tensor(new long[] { 3, 4, 5, 6, 7, 8 }).unsqueeze(0), routing: routing);
+        model.Forward(tensor(new long[] { 3, 4, 5, 6, 7, 8 }).unsqueeze(0), routing: routing, adapters: MixLoraTestKit.Default);
         stats.Add(routing.Collector!);
-        model.Forward(tensor(new long[] { 0, 9, 10 }).unsqueeze(0), attentionMask: tensor(new long[] { 0, 1, 1 }).unsqueeze(0), routing: routing);
+        model.Forward(tensor(new long[] { 0, 9, 10 }).unsqueeze(0), attentionMask: tensor(new long[] { 0, 1, 1 }).unsqueeze(0), routing: routing, adapters: MixLoraTestKit.Default);
         stats.Add(routing.Collector!);
         var result = stats.Result();
         Assert.Equal([0, 1, 2], result.Select(r => r.Layer));

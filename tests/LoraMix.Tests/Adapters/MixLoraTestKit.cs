@@ -35,9 +35,14 @@ internal static class MixLoraTestKit
         return model;
     }
 
-    /// <summary>A forward context for calling a feed-forward block directly (it reads no rotary table).</summary>
-    public static ForwardContext Context(LoraMix.Routing.RoutingContext? routing = null, Tensor? tokenMask = null) => new()
+    /// <summary>A forward context for calling a feed-forward block directly (it reads no rotary table) whose every row
+    /// runs <paramref name="adapter"/>.</summary>
+    public static ForwardContext Context(LoraMix.Routing.RoutingContext? routing = null, Tensor? tokenMask = null, string adapter = "default") => new()
     {
         Cos = empty(0), Sin = empty(0), Routing = routing, TokenMask = tokenMask,
+        Adapters = AdapterBatch.Resolve(AdapterSelection.Of(adapter), 1, CPU),   // one choice for all rows: any batch size runs it whole
     };
+
+    /// <summary>Every row runs adapter <c>default</c>.</summary>
+    public static readonly AdapterSelection Default = AdapterSelection.Of("default");
 }

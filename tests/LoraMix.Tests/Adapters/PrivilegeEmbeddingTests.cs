@@ -1,4 +1,5 @@
 using System.Text.Json.Nodes;
+using LoraMix.Modeling;
 using LoraMix.Adapters;
 using LoraMix.Adapters.MixLora;
 using LoraMix.Routing;
@@ -55,7 +56,7 @@ public sealed class PrivilegeEmbeddingTests : IDisposable
         using var r1 = Routing(Labels);
         using var r2 = Routing(Labels);
         var ids = tensor(Ids).unsqueeze(0);
-        Assert.True(with.Forward(ids, routing: r1).equal(without.Forward(ids, routing: r2)).all().item<bool>());
+        Assert.True(with.Forward(ids, routing: r1, adapters: MixLoraTestKit.Default).equal(without.Forward(ids, routing: r2, adapters: MixLoraTestKit.Default)).all().item<bool>());
     }
 
     [Fact]
@@ -68,21 +69,22 @@ public sealed class PrivilegeEmbeddingTests : IDisposable
         RandomizeTable(model);
         var ids = tensor(Ids).unsqueeze(0);
         using var routing = Routing(Labels);
-        var actual = model.Forward(ids, routing: routing);
+        var actual = model.Forward(ids, routing: routing, adapters: MixLoraTestKit.Default);
 
         var table = model.Model.EmbedTokens.GetPrivilegeEmbedding("default")!.Weight.detach().clone();
         var emb = model.Model.EmbedTokens.Weight.detach().index_select(0, ids.reshape(-1));
         var added = emb + stack(Labels.Select(l => table[(long)l]).ToArray()).to(emb.dtype);
-        model.Model.EmbedTokens.ActivePrivilegeEmbedding = null;
         using var plainRouting = Routing(Labels);
-        var hidden = model.ForwardEmbeddings(added.unsqueeze(0), routing: plainRouting);
+        // the mixture without its privilege embedding: the same adapter's routers and experts, the table added by hand
+        model.Model.EmbedTokens.RemovePrivilegeEmbedding("default");
+        var hidden = model.ForwardEmbeddings(added.unsqueeze(0), routing: plainRouting, adapters: MixLoraTestKit.Default);
         var expected = nn.functional.linear(hidden, model.OutputWeight);
         Assert.True(TestModels.RelativeError(actual, expected) < 1e-5, $"relative error {TestModels.RelativeError(actual, expected)}");
 
         // and the table matters: the same ids with every label system give other logits
-        model.Model.EmbedTokens.ActivePrivilegeEmbedding = "default";
+        model.Model.EmbedTokens.AddPrivilegeEmbedding("default").Weight.detach().copy_(table);
         using var allSystem = Routing(Enumerable.Repeat(Privilege.System, Ids.Length).ToArray());
-        Assert.True(TestModels.RelativeError(model.Forward(ids, routing: allSystem), actual) > 1e-3);
+        Assert.True(TestModels.RelativeError(model.Forward(ids, routing: allSystem, adapters: MixLoraTestKit.Default), actual) > 1e-3);
     }
 
     [Fact]
@@ -90,10 +92,10 @@ public sealed class PrivilegeEmbeddingTests : IDisposable
     {
         using var scope = NewDisposeScope();
         using var model = MixLoraTestKit.Model(Config(), 6);
-        var e = Assert.Throws<InvalidOperationException>(() => model.Forward(tensor(Ids).unsqueeze(0)));
+        var e = Assert.Throws<InvalidOperationException>(() => model.Forward(tensor(Ids).unsqueeze(0), adapters: MixLoraTestKit.Default));
         Assert.Contains("privilege_embedding", e.Message);
         using var routing = Routing(Labels[..4]);
-        Assert.Throws<ArgumentException>(() => model.Forward(tensor(Ids).unsqueeze(0), routing: routing));
+        Assert.Throws<ArgumentException>(() => model.Forward(tensor(Ids).unsqueeze(0), routing: routing, adapters: MixLoraTestKit.Default));
     }
 
     [Fact]
@@ -105,16 +107,16 @@ public sealed class PrivilegeEmbeddingTests : IDisposable
         RandomizeTable(model);
         using var noGrad = no_grad();
         using var full = Routing(Labels);
-        var expected = model.Forward(tensor(Ids).unsqueeze(0), routing: full);
+        var expected = model.Forward(tensor(Ids).unsqueeze(0), routing: full, adapters: MixLoraTestKit.Default);
 
         int prompt = 6;
         using var cache = model.CreateCache(1, Ids.Length);
         using var step = Routing(Labels[..prompt]);
-        var parts = new List<Tensor> { model.Forward(tensor(Ids[..prompt]).unsqueeze(0), cache, routing: step) };
+        var parts = new List<Tensor> { model.Forward(tensor(Ids[..prompt]).unsqueeze(0), cache, routing: step, adapters: MixLoraTestKit.Default) };
         for (int i = prompt; i < Ids.Length; i++)
         {
             step.SetPrivileges([[Labels[i]]]);
-            parts.Add(model.Forward(tensor(new[] { Ids[i] }).unsqueeze(0), cache, routing: step));
+            parts.Add(model.Forward(tensor(new[] { Ids[i] }).unsqueeze(0), cache, routing: step, adapters: MixLoraTestKit.Default));
         }
         var actual = cat(parts.ToArray(), 1);
         Assert.True(TestModels.RelativeError(actual, expected) < 1e-5, $"relative error {TestModels.RelativeError(actual, expected)}");
@@ -130,7 +132,7 @@ public sealed class PrivilegeEmbeddingTests : IDisposable
         Assert.Contains(trainable, p => ReferenceEquals(p, table));
         var labels = Labels.Select(l => l == Privilege.Assistant ? Privilege.User : l).ToArray();   // no assistant row in use
         using var routing = Routing(labels);
-        var logits = model.Forward(tensor(Ids).unsqueeze(0), routing: routing);
+        var logits = model.Forward(tensor(Ids).unsqueeze(0), routing: routing, adapters: MixLoraTestKit.Default);
         logits.pow(2).mean().backward();
         var grad = table.grad!.abs().sum(1);
         Assert.True(grad[(long)Privilege.System].item<float>() > 0);
@@ -148,7 +150,7 @@ public sealed class PrivilegeEmbeddingTests : IDisposable
         model.eval();
         RandomizeTable(model);
         using var r1 = Routing(Labels);
-        var expected = model.Forward(tensor(Ids).unsqueeze(0), routing: r1);
+        var expected = model.Forward(tensor(Ids).unsqueeze(0), routing: r1, adapters: MixLoraTestKit.Default);
         MixLoraAdapters.Save(model, config, _dir);
 
         var cfg = JsonNode.Parse(File.ReadAllText(Path.Combine(_dir, "adapter_config.json")))!.AsObject();
@@ -162,7 +164,7 @@ public sealed class PrivilegeEmbeddingTests : IDisposable
         fresh.eval();
         Assert.True(loaded.PrivilegeEmbedding);
         using var r2 = Routing(Labels);
-        Assert.True(expected.equal(fresh.Forward(tensor(Ids).unsqueeze(0), routing: r2)).all().item<bool>());
+        Assert.True(expected.equal(fresh.Forward(tensor(Ids).unsqueeze(0), routing: r2, adapters: AdapterSelection.Of("again"))).all().item<bool>());
 
         // removing the adapter removes its table: the base model needs no labels again
         MixLoraAdapters.Remove(fresh, "again");

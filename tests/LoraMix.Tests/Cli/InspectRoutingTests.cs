@@ -322,7 +322,7 @@ public sealed class InspectRoutingTests : IDisposable
 
         // independent path: the generator with an explicit routing context, labels and policy
         using var routing = new LoraMix.Routing.RoutingContext { Policy = LoraMix.Routing.PrivilegedRouterPolicy.Pooled };
-        var direct = new TokenGenerator(engine.Model).Generate(chat, options, routing);
+        var direct = new TokenGenerator(engine.Model).Generate(chat, options with { Adapters = AdapterSelection.Of(engine.DefaultAdapters) }, routing);
         Assert.Equal(direct.Tokens, viaChat.Ids);
         Assert.Equal(direct.Tokens, viaBatch.Ids);
 

@@ -162,7 +162,7 @@ public sealed class TrainCliTests : IDisposable
         using var withAdapter = ChatEngine.Load(model, new EngineOptions { Adapters = [adapter] });
         using var baseOnly = ChatEngine.Load(model);
         using var mergedEngine = ChatEngine.Load(merged);
-        using var a = withAdapter.Model.Forward(ids);
+        using var a = withAdapter.Model.Forward(ids, adapters: AdapterSelection.Of(withAdapter.DefaultAdapters));
         using var m2 = mergedEngine.Model.Forward(ids);
         using var b = baseOnly.Model.Forward(ids);
         Assert.True(a.allclose(m2, rtol: 1e-4, atol: 1e-5), $"max diff {(a - m2).abs().max().item<float>()}");

@@ -63,7 +63,7 @@ public sealed class PrivilegedRoutingTests
 
         // independent: the free path's router logits over the privileged prefix alone, softmax and selection in C#
         using var free = new RoutingContext { Collector = new RouterLogitsCollector() };
-        using (no_grad()) model.Forward(tensor(ids[..first]).unsqueeze(0), routing: free);
+        using (no_grad()) model.Forward(tensor(ids[..first]).unsqueeze(0), routing: free, adapters: MixLoraTestKit.Default);
         var routes = Prefill(model, Policy(snapshot), (ids, labels))[0];
         Assert.Equal(ids.Length, routes.Count);
         for (int l = 0; l < 3; l++)
@@ -148,11 +148,11 @@ public sealed class PrivilegedRoutingTests
         using (no_grad())
         {
             routing.SetPrivileges([labels[..(first - 1)]]);
-            model.Forward(tensor(ids[..(first - 1)]).unsqueeze(0), cache, routing: routing);
+            model.Forward(tensor(ids[..(first - 1)]).unsqueeze(0), cache, routing: routing, adapters: MixLoraTestKit.Default);
             for (int i = first - 1; i < ids.Length; i++)
             {
                 routing.SetPrivileges(labels[i], 1);
-                model.Forward(tensor(new[] { ids[i] }).unsqueeze(0), cache, routing: routing);
+                model.Forward(tensor(new[] { ids[i] }).unsqueeze(0), cache, routing: routing, adapters: MixLoraTestKit.Default);
             }
         }
         var stepwise = routing.Trace!.Row(0);
@@ -216,13 +216,13 @@ public sealed class PrivilegedRoutingTests
             routing.SetPrivileges([a.Labels, b.Labels]);
             var recorded = new List<Tensor>();
             using var noGrad = no_grad();
-            var logits = model.Forward(ids, cache, mask, routing: routing);
+            var logits = model.Forward(ids, cache, mask, routing: routing, adapters: MixLoraTestKit.Default);
             recorded.AddRange(routing.Collector!.Logits.Select(l => l.clone()));
             if (decode)
                 for (int i = 0; i < 3; i++)
                 {
                     routing.SetPrivileges(A, 2);
-                    logits = cat([logits, model.Forward(tensor(new long[] { 7 + i, 9 + i }).view(2, 1), cache, routing: routing)], 1);
+                    logits = cat([logits, model.Forward(tensor(new long[] { 7 + i, 9 + i }).view(2, 1), cache, routing: routing, adapters: MixLoraTestKit.Default)], 1);
                     recorded.AddRange(routing.Collector!.Logits.Select(l => l.clone()));
                 }
             return (logits, routing.Trace!, recorded);
@@ -272,13 +272,13 @@ public sealed class PrivilegedRoutingTests
         int first = Array.IndexOf(labels, X);
         using var priv = new RoutingContext { Collector = new RouterLogitsCollector() };   // the adapter's policy
         priv.SetPrivileges([labels]);
-        model.Forward(tensor(ids).unsqueeze(0), routing: priv);
+        model.Forward(tensor(ids).unsqueeze(0), routing: priv, adapters: MixLoraTestKit.Default);
         var mask = priv.Collector!.Records[0].TokenMask!;
         Assert.Equal(Enumerable.Range(0, ids.Length).Select(t => t < first), mask[0].data<bool>().ToArray());
         var lossPriv = MixLoraLosses.Compute(config, priv.Collector);
 
         using var free = new RoutingContext { Policy = FreeRouterPolicy.Instance, Collector = new RouterLogitsCollector() };
-        model.Forward(tensor(ids[..first]).unsqueeze(0), routing: free);
+        model.Forward(tensor(ids[..first]).unsqueeze(0), routing: free, adapters: MixLoraTestKit.Default);
         var lossPrefix = MixLoraLosses.Compute(config, free.Collector!);
         Assert.Equal(lossPrefix.LoadBalancing.item<float>(), lossPriv.LoadBalancing.item<float>(), 5);
         Assert.Equal(lossPrefix.ZLoss.item<float>(), lossPriv.ZLoss.item<float>(), 5);
@@ -295,7 +295,7 @@ public sealed class PrivilegedRoutingTests
         int first = Array.IndexOf(labels, X);
         using var routing = new RoutingContext { Policy = PrivilegedRouterPolicy.Pooled };
         routing.SetPrivileges([labels]);
-        var logits = model.Forward(tensor(ids).unsqueeze(0), routing: routing);
+        var logits = model.Forward(tensor(ids).unsqueeze(0), routing: routing, adapters: MixLoraTestKit.Default);
         logits.narrow(1, first, ids.Length - first).pow(2).mean().backward();   // a loss on frozen tokens only
         var router = MixLoraAdapters.Blocks(model)[2].GetAdapter("default").RouterWeight;
         Assert.True(router.grad is not null && router.grad.abs().sum().item<float>() > 0);
@@ -311,22 +311,22 @@ public sealed class PrivilegedRoutingTests
         model.eval();
         Assert.Same(PrivilegedRouterPolicy.Pooled, MixLoraAdapters.Blocks(model)[0].GetAdapter("default").Policy);
         var (ids, labels) = Chat(12);
-        var ex = Assert.Throws<InvalidOperationException>(() => model.Forward(tensor(ids).unsqueeze(0)));
+        var ex = Assert.Throws<InvalidOperationException>(() => model.Forward(tensor(ids).unsqueeze(0), adapters: MixLoraTestKit.Default));
         Assert.Contains("privilege labels", ex.Message);
         using var noLabels = new RoutingContext();
-        Assert.Throws<InvalidOperationException>(() => model.Forward(tensor(ids).unsqueeze(0), routing: noLabels));
+        Assert.Throws<InvalidOperationException>(() => model.Forward(tensor(ids).unsqueeze(0), routing: noLabels, adapters: MixLoraTestKit.Default));
         using var wrongShape = new RoutingContext();
         wrongShape.SetPrivileges([labels[..5]]);
-        Assert.Throws<ArgumentException>(() => model.Forward(tensor(ids).unsqueeze(0), routing: wrongShape));
+        Assert.Throws<ArgumentException>(() => model.Forward(tensor(ids).unsqueeze(0), routing: wrongShape, adapters: MixLoraTestKit.Default));
 
         var configured = new RoutingContext { Trace = new RoutingTrace() };
         configured.SetPrivileges([labels]);
-        model.Forward(tensor(ids).unsqueeze(0), routing: configured);
+        model.Forward(tensor(ids).unsqueeze(0), routing: configured, adapters: MixLoraTestKit.Default);
         var explicitPolicy = Prefill(model, PrivilegedRouterPolicy.Pooled, (ids, labels))[0];
         for (int t = 0; t < ids.Length; t++) AssertSame(explicitPolicy[t], configured.Trace!.Row(0)[t], $"token {t}");
         // a forward without a cache starts a new sequence: the state does not leak into the next batch
         configured.SetPrivileges([Enumerable.Repeat(U, 5).ToArray()]);
-        model.Forward(tensor(ids[..5]).unsqueeze(0), routing: configured);
+        model.Forward(tensor(ids[..5]).unsqueeze(0), routing: configured, adapters: MixLoraTestKit.Default);
         Assert.False(Assert.IsType<PrivilegedRoutingState>(configured.PolicyState).IsFrozen(0));
         configured.Dispose();
     }
@@ -339,7 +339,7 @@ public sealed class PrivilegedRoutingTests
         using var scope = NewDisposeScope();
         using var model = Model(0, 80);
         var generator = new TokenGenerator(model);
-        var options = new GenerationOptions { MaxNewTokens = 6, Temperature = 0, StopAtEos = false };
+        var options = new GenerationOptions { MaxNewTokens = 6, Temperature = 0, StopAtEos = false, Adapters = MixLoraTestKit.Default };
         var a = Chat(13, untrusted: 4);
         var b = Chat(14, untrusted: 9);
         var rnd = new Random(15);

@@ -1,4 +1,5 @@
 using CsCheck;
+using LoraMix.Tests.Adapters;
 using LoraMix.Adapters.MixLora;
 using LoraMix.Modeling;
 using LoraMix.Routing;
@@ -59,12 +60,12 @@ public sealed class RoutingHardeningTests(ITestOutputHelper output)
         using var cache = model.CreateCache(rows.Length, ids.shape[1] + decode);
         routing.SetPrivileges(rows.Select(r => (IReadOnlyList<Privilege>)r.Labels).ToList());
         using var noGrad = no_grad();
-        model.Forward(ids, cache, mask, lastOnly: true, routing: routing);
+        model.Forward(ids, cache, mask, lastOnly: true, routing: routing, adapters: MixLoraTestKit.Default);
         for (int s = 0; s < decode; s++)
         {
             routing.SetPrivileges(Privilege.Assistant, rows.Length);
             model.Forward(tensor(Enumerable.Range(0, rows.Length).Select(r => (long)(5 + 7 * s + r)).ToArray()).view(rows.Length, 1), cache,
-                lastOnly: true, routing: routing);
+                lastOnly: true, routing: routing, adapters: MixLoraTestKit.Default);
         }
         return Enumerable.Range(0, rows.Length).Select(r => routing.Trace!.Row(r)).ToArray();
     }
@@ -228,40 +229,40 @@ public sealed class RoutingHardeningTests(ITestOutputHelper output)
         using (var first = new RoutingContext { Policy = policy })
         {
             first.SetPrivileges([labels]);
-            model.Forward(tensor(ids).unsqueeze(0), cache, routing: first);
+            model.Forward(tensor(ids).unsqueeze(0), cache, routing: first, adapters: MixLoraTestKit.Default);
         }
 
         // a new context (no state) meets the cache that holds the untrusted tokens: refused, nothing routed freely
         using var fresh = new RoutingContext { Policy = policy };
         fresh.SetPrivileges(Privilege.User, 1);
-        var e = Assert.Throws<InvalidOperationException>(() => model.Forward(tensor(new long[] { 11 }).view(1, 1), cache, routing: fresh));
+        var e = Assert.Throws<InvalidOperationException>(() => model.Forward(tensor(new long[] { 11 }).view(1, 1), cache, routing: fresh, adapters: MixLoraTestKit.Default));
         Assert.Contains("no routing state", e.Message);
 
         // a context with the state of another cache is refused too
         using var other = model.CreateCache(1, 32);
         using var owner = new RoutingContext { Policy = policy };
         owner.SetPrivileges([labels]);
-        model.Forward(tensor(ids).unsqueeze(0), other, routing: owner);
+        model.Forward(tensor(ids).unsqueeze(0), other, routing: owner, adapters: MixLoraTestKit.Default);
         owner.SetPrivileges(Privilege.User, 1);
-        var e2 = Assert.Throws<InvalidOperationException>(() => model.Forward(tensor(new long[] { 11 }).view(1, 1), cache, routing: owner));
+        var e2 = Assert.Throws<InvalidOperationException>(() => model.Forward(tensor(new long[] { 11 }).view(1, 1), cache, routing: owner, adapters: MixLoraTestKit.Default));
         Assert.Contains("another KV cache", e2.Message);
 
         // and a cache written on without the state (a step with another context in between) as well
         using var third = model.CreateCache(1, 32);
         using var mine = new RoutingContext { Policy = policy };
         mine.SetPrivileges([labels]);
-        model.Forward(tensor(ids).unsqueeze(0), third, routing: mine);
+        model.Forward(tensor(ids).unsqueeze(0), third, routing: mine, adapters: MixLoraTestKit.Default);
         using (var intruder = new RoutingContext { Policy = FreeRouterPolicy.Instance })
-            model.Forward(tensor(new long[] { 12 }).view(1, 1), third, routing: intruder);
+            model.Forward(tensor(new long[] { 12 }).view(1, 1), third, routing: intruder, adapters: MixLoraTestKit.Default);
         mine.SetPrivileges(Privilege.User, 1);
-        Assert.Throws<InvalidOperationException>(() => model.Forward(tensor(new long[] { 13 }).view(1, 1), third, routing: mine));
+        Assert.Throws<InvalidOperationException>(() => model.Forward(tensor(new long[] { 13 }).view(1, 1), third, routing: mine, adapters: MixLoraTestKit.Default));
 
         // the owning context continues its own cache; an emptied cache starts a new sequence with any context
         owner.SetPrivileges(Privilege.User, 1);
-        model.Forward(tensor(new long[] { 11 }).view(1, 1), other, routing: owner);
+        model.Forward(tensor(new long[] { 11 }).view(1, 1), other, routing: owner, adapters: MixLoraTestKit.Default);
         cache.Reset();
         fresh.SetPrivileges([labels]);
-        model.Forward(tensor(ids).unsqueeze(0), cache, routing: fresh);
+        model.Forward(tensor(ids).unsqueeze(0), cache, routing: fresh, adapters: MixLoraTestKit.Default);
     }
 
     [Fact]
@@ -275,10 +276,10 @@ public sealed class RoutingHardeningTests(ITestOutputHelper output)
         using (var first = new RoutingContext { Policy = PrivilegedRouterPolicy.Last })
         {
             first.SetPrivileges(Privilege.System, 2, 3);
-            model.Forward(tensor(new long[] { 3, 4, 5, 6, 7, 8 }).view(2, 3), cache, routing: first);
+            model.Forward(tensor(new long[] { 3, 4, 5, 6, 7, 8 }).view(2, 3), cache, routing: first, adapters: MixLoraTestKit.Default);
         }
         using var fresh = new RoutingContext { Policy = PrivilegedRouterPolicy.Last };
         fresh.SetPrivileges(Privilege.User, 2);
-        Assert.Throws<InvalidOperationException>(() => model.Forward(tensor(new long[] { 9, 10 }).view(2, 1), cache, routing: fresh));
+        Assert.Throws<InvalidOperationException>(() => model.Forward(tensor(new long[] { 9, 10 }).view(2, 1), cache, routing: fresh, adapters: MixLoraTestKit.Default));
     }
 }

@@ -1,4 +1,5 @@
 using CsCheck;
+using LoraMix.Tests.Adapters;
 using LoraMix.Modeling;
 using LoraMix.Routing;
 using LoraMix.Tokenization;
@@ -125,7 +126,7 @@ public sealed class RoutingInvariancePropertyTests(ITestOutputHelper output)
                 {
                     using var s = NewDisposeScope();
                     routing.SetPrivileges([l]);
-                    model.Forward(tensor(chunk).unsqueeze(0), cache, routing: routing);
+                    model.Forward(tensor(chunk).unsqueeze(0), cache, routing: routing, adapters: MixLoraTestKit.Default);
                 }
                 Step(ids, labels);
                 foreach (var id in answer) Step([id], [Privilege.Assistant]);

@@ -65,7 +65,7 @@ internal static class RoutingTestKit
         using var routing = new RoutingContext { Policy = policy, Trace = new RoutingTrace() };
         var (ids, mask) = Pad(rows.Select(r => r.Ids).ToArray());
         routing.SetPrivileges(rows.Select(r => (IReadOnlyList<Privilege>)r.Labels).ToList());
-        using (no_grad()) model.Forward(ids, attentionMask: mask, routing: routing);
+        using (no_grad()) model.Forward(ids, attentionMask: mask, routing: routing, adapters: MixLoraTestKit.Default);
         return Enumerable.Range(0, rows.Length).Select(r => routing.Trace!.Row(r)).ToArray();
     }
 

@@ -138,6 +138,7 @@ public sealed class PrivilegedTrainingTests
         var examples = new[] { Example(1, 14, 6), Example(2, 9, 3), Example(3, 17, 9), Example(4, 11, -1) };
         var collator = new DataCollator(64);
         using var batch = collator.Collate(examples);
+        batch.Adapters = MixLoraTestKit.Default;
         Assert.True(examples.Select(e => e.InputIds.Length).Distinct().Count() > 1);
 
         // the objective's loss equals the sum of the rows' losses, each routed alone (no padding) under the policy
@@ -149,7 +150,7 @@ public sealed class PrivilegedTrainingTests
             using var routing = new RoutingContext();
             routing.SetPrivileges([e.Privileges!]);
             using var one = collator.Collate([e]);
-            rows += CausalLmObjective.ShiftedCrossEntropySum(model.Forward(one.InputIds, routing: routing), one.Labels).item<float>();
+            rows += CausalLmObjective.ShiftedCrossEntropySum(model.Forward(one.InputIds, routing: routing, adapters: MixLoraTestKit.Default), one.Labels).item<float>();
         }
         Assert.Equal(rows, batched, 3);
         using var freeModel = MixLoraTestKit.Model(config with { RouterPolicy = MixLoraConfig.FreePolicy, PrivilegedSnapshot = MixLoraConfig.LastSnapshot }, 41);   // same weights
@@ -160,7 +161,7 @@ public sealed class PrivilegedTrainingTests
         // with the last-token snapshot, every token from the first untrusted one on is routed as the last privileged token
         using var traced = new RoutingContext { Trace = new RoutingTrace() };
         batch.ApplyPrivileges(traced);
-        model.Forward(batch.InputIds, routing: traced);
+        model.Forward(batch.InputIds, routing: traced, adapters: MixLoraTestKit.Default);
         for (int r = 0; r < examples.Length; r++)
         {
             var routes = traced.Trace!.Row(r);
@@ -184,6 +185,7 @@ public sealed class PrivilegedTrainingTests
         using var freeModel = MixLoraTestKit.Model(Config(MixLoraConfig.FreePolicy), 43);
         var examples = new[] { Example(5, 13, -1), Example(6, 8, -1), Example(7, 16, -1) };
         using var batch = new DataCollator(64).Collate(examples);
+        batch.Adapters = MixLoraTestKit.Default;
         var priv = new MixLoraObjective(Config(MixLoraConfig.PrivilegedPolicy)).Compute(privModel, batch, training: true);
         var free = new MixLoraObjective(Config(MixLoraConfig.FreePolicy)).Compute(freeModel, batch, training: true);
         Assert.Equal(free.TargetLossSum.item<float>(), priv.TargetLossSum.item<float>(), 4);

@@ -181,7 +181,7 @@ public sealed class TrainerRunTests
         LoraAdapters.Load(fresh, dir.Sub("lora"));
         fresh.eval(); lora.eval();
         var ids = tensor(new long[] { 1, 7, 9, 11 }).unsqueeze(0);
-        Assert.True(fresh.Forward(ids).equal(lora.Forward(ids)).all().item<bool>());
+        Assert.True(fresh.Forward(ids, adapters: AdapterSelection.Of("default")).equal(lora.Forward(ids, adapters: AdapterSelection.Of("default"))).all().item<bool>());
     }
 
     [Fact]

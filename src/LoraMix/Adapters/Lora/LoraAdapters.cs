@@ -17,8 +17,9 @@ public static class LoraAdapters
     public const string WeightsFileName = "adapter_model.safetensors";
     private const string PeftPrefix = "base_model.model.";
 
-    /// <summary>The linear slots of the decoder with their Hugging Face module paths.</summary>
-    public static IEnumerable<(string Path, Func<nn.Module<Tensor, Tensor>> Get, Action<nn.Module<Tensor, Tensor>> Set)> LinearSlots(LlamaForCausalLM model)
+    /// <summary>The linear slots of the decoder with their Hugging Face module paths (the MLP's also when a mixture of
+    /// experts wraps it: its projections are shared).</summary>
+    public static IEnumerable<(string Path, Func<LinearSlot> Get, Action<LinearSlot> Set)> LinearSlots(LlamaForCausalLM model)
     {
         var layers = model.Model.Layers;
         for (int i = 0; i < layers.Count; i++)
@@ -26,9 +27,17 @@ public static class LoraAdapters
             var attn = layers[i].SelfAttention;
             foreach (var name in LlamaAttention.ProjectionNames)
                 yield return ($"model.layers.{i}.self_attn.{name}", () => attn.GetProjection(name), m => attn.SetProjection(name, m));
-            if (layers[i].FeedForward is LlamaMlp mlp)
-                foreach (var name in LlamaMlp.ProjectionNames)
-                    yield return ($"model.layers.{i}.mlp.{name}", () => mlp.GetProjection(name), m => mlp.SetProjection(name, m));
+            switch (layers[i].FeedForward)
+            {
+                case LlamaMlp mlp:
+                    foreach (var name in LlamaMlp.ProjectionNames)
+                        yield return ($"model.layers.{i}.mlp.{name}", () => mlp.GetProjection(name), m => mlp.SetProjection(name, m));
+                    break;
+                case MixLora.MixLoraFeedForward moe:
+                    foreach (var name in LlamaMlp.ProjectionNames)
+                        yield return ($"model.layers.{i}.mlp.{name}", () => moe.Dense.GetProjection(name), m => moe.SetProjection(name, m));
+                    break;
+            }
         }
     }
 
@@ -46,12 +55,8 @@ public static class LoraAdapters
         foreach (var (path, get, _) in LinearSlots(model))
         {
             if (!config.Targets(path)) continue;
-            list.Add(get() switch
-            {
-                AdaptedLinear a => (path, a.InFeatures, a.OutFeatures),
-                LinearLayer l => (path, l.InFeatures, l.OutFeatures),
-                var other => throw new LoraMixException($"cannot attach LoRA to '{path}': the slot holds a {other.GetType().Name}, not a linear layer"),
-            });
+            var slot = get();
+            list.Add((path, slot.InFeatures, slot.OutFeatures));
         }
         if (list.Count == 0)
             throw new LoraMixException($"target_modules matched no linear layer; available: {string.Join(", ", LoraConfig.LlamaLinearNames)} (or \"all-linear\")");
@@ -67,12 +72,16 @@ public static class LoraAdapters
             ($"{PeftPrefix}{l.Path}.lora_B.weight", [l.Out, config.R]),
         }).ToList();
 
-    /// <summary>Adds a new LoRA adapter on every targeted linear layer and makes it the active adapter.</summary>
+    /// <summary>Adds a new LoRA adapter on every targeted linear layer. Select it per forward call
+    /// (<c>adapters: AdapterSelection.Of(name)</c>).</summary>
     /// <exception cref="AdapterConfigException">The config is invalid, or r exceeds min(in, out) of a targeted layer.</exception>
     public static void Attach(LlamaForCausalLM model, LoraConfig config, string adapterName = "default", long seed = 0)
     {
         config.Validate();
         config.ValidateFor(TargetedLayers(model, config));
+        AdapterChoice.CheckName(adapterName);
+        if (model.Adapters.TryGetValue(adapterName, out var existing) && existing != MethodName)
+            throw new ArgumentException($"an adapter named '{adapterName}' is already attached ({existing})");
         using var gen = new TorchSharp.torch.Generator((ulong)seed, CPU);
         int count = 0;
         foreach (var (path, get, set) in LinearSlots(model))
@@ -92,18 +101,11 @@ public static class LoraAdapters
         }
         if (count == 0)
             throw new LoraMixException($"target_modules matched no linear layer; available: {string.Join(", ", LoraConfig.LlamaLinearNames)} (or \"all-linear\")");
-        SetActive(model, adapterName);
+        if (!model.Adapters.ContainsKey(adapterName)) model.RegisterAdapter(adapterName, MethodName);
     }
 
-    /// <summary>Activates exactly the given adapters on every layer that has them (none = base model).</summary>
-    public static void SetActive(LlamaForCausalLM model, params string[] adapterNames)
-    {
-        var layers = AdaptedLayers(model);
-        foreach (var n in adapterNames)
-            if (!layers.Any(l => l.Layer.HasAdapter(n)))
-                throw new ArgumentException($"no adapter named '{n}' is attached; attached: {string.Join(", ", AdapterNames(model))}");
-        foreach (var (_, layer) in layers) layer.ActiveAdapters = adapterNames.Where(layer.HasAdapter).ToArray();
-    }
+    /// <summary>The method name models record for LoRA adapters (<see cref="LlamaForCausalLM.Adapters"/>).</summary>
+    public const string MethodName = "lora";
 
     /// <summary>Names of all attached adapters.</summary>
     public static IReadOnlyList<string> AdapterNames(LlamaForCausalLM model) =>
@@ -149,7 +151,7 @@ public static class LoraAdapters
     }
 
     /// <summary>
-    /// Loads a PEFT LoRA adapter directory onto the model under <paramref name="adapterName"/> and activates it. The key set
+    /// Loads a PEFT LoRA adapter directory onto the model under <paramref name="adapterName"/>. The key set
     /// must match what the config targets on this model exactly (missing, unexpected and mis-shaped keys are listed).
     /// </summary>
     public static LoraConfig Load(LlamaForCausalLM model, string directory, string adapterName = "default")
@@ -172,11 +174,13 @@ public static class LoraAdapters
         return config;
     }
 
-    /// <summary>Removes an adapter from every layer.</summary>
+    /// <summary>Removes an adapter from every layer and frees its tensors (a layer left without adapters runs its base
+    /// weight alone; it keeps the same weight and bias tensors).</summary>
     public static void Remove(LlamaForCausalLM model, string adapterName)
     {
         foreach (var (_, layer) in AdaptedLayers(model))
             if (layer.HasAdapter(adapterName)) layer.RemoveAdapter(adapterName);
+        if (model.Adapters.TryGetValue(adapterName, out var method) && method == MethodName) model.UnregisterAdapter(adapterName);
     }
 
     /// <summary>Folds the adapter into the base weights (see <see cref="AdaptedLinear.Merge"/>).</summary>

@@ -37,7 +37,8 @@ public static class MixLoraAdapters
 
     /// <summary>
     /// Adds a MixLoRA adapter: a router and <c>num_experts</c> expert LoRAs in every layer's feed-forward block, plain LoRA
-    /// on the targeted attention projections, all under <paramref name="adapterName"/>; then makes it the active adapter.
+    /// on the targeted attention projections, all under <paramref name="adapterName"/>. Select it per forward call
+    /// (<c>adapters: AdapterSelection.Of(name)</c>).
     /// Returns the config with <c>act_fn</c> resolved to the base model's activation when it was unset.
     /// </summary>
     /// <exception cref="AdapterConfigException">The config is invalid, or a rank exceeds min(in, out) of a targeted projection.</exception>
@@ -45,7 +46,8 @@ public static class MixLoraAdapters
     {
         config.Validate();
         ValidateFor(model, config);
-        if (AdapterNames(model).Contains(adapterName) || LoraAdapters.AdapterNames(model).Contains(adapterName))
+        AdapterChoice.CheckName(adapterName);
+        if (model.Adapters.ContainsKey(adapterName) || AdapterNames(model).Contains(adapterName) || LoraAdapters.AdapterNames(model).Contains(adapterName))
             throw new ArgumentException($"an adapter named '{adapterName}' is already attached");
         config = config with { ActFn = config.ActFn ?? "silu" };   // LlamaConfig accepts hidden_act = silu only
         if (config.AttentionLoraConfig() is { } attention) LoraAdapters.Attach(model, attention, adapterName, seed);
@@ -71,7 +73,7 @@ public static class MixLoraAdapters
             Remove(model, adapterName);
             throw;
         }
-        SetActive(model, adapterName);
+        model.RegisterAdapter(adapterName, MethodName);
         return config;
     }
 
@@ -131,20 +133,8 @@ public static class MixLoraAdapters
         return list;
     }
 
-    /// <summary>Makes <paramref name="adapterName"/> the only active adapter (its mixtures and its attention LoRA), or
-    /// deactivates every adapter (null: the base model).</summary>
-    public static void SetActive(LlamaForCausalLM model, string? adapterName)
-    {
-        var blocks = Blocks(model);
-        if (adapterName is not null && !blocks.Any(b => b.HasAdapter(adapterName)))
-            throw new ArgumentException($"no MixLoRA adapter named '{adapterName}' is attached; attached: {string.Join(", ", AdapterNames(model))}");
-        foreach (var b in blocks) b.ActiveAdapter = adapterName is not null && b.HasAdapter(adapterName) ? adapterName : null;
-        bool hasAttention = adapterName is not null && LoraAdapters.AdaptedLayers(model).Any(l => l.Layer.HasAdapter(adapterName));
-        if (hasAttention) LoraAdapters.SetActive(model, adapterName!);
-        else LoraAdapters.SetActive(model);
-        var embed = model.Model.EmbedTokens;
-        embed.ActivePrivilegeEmbedding = adapterName is not null && embed.GetPrivilegeEmbedding(adapterName) is not null ? adapterName : null;
-    }
+    /// <summary>The method name models record for MixLoRA adapters (<see cref="LlamaForCausalLM.Adapters"/>).</summary>
+    public const string MethodName = "mixlora";
 
     /// <summary>Sets how every MixLoRA block of the model dispatches tokens to experts (<see cref="MixLoraDispatch.Sparse"/>
     /// by default; <see cref="MixLoraDispatch.Dense"/> for comparison). Not saved with the adapter; blocks created by a
@@ -223,7 +213,7 @@ public static class MixLoraAdapters
 
     /// <summary>
     /// Loads a MixLoRA adapter directory (LoraMix's or MoE-PEFT's, current or legacy key scheme; safetensors preferred,
-    /// else <c>adapter_model.bin</c>) under <paramref name="adapterName"/> and activates it. The key set must be exactly
+    /// else <c>adapter_model.bin</c>) under <paramref name="adapterName"/>. The key set must be exactly
     /// what the config implies for this model; otherwise nothing is attached and every mismatch is reported.
     /// </summary>
     public static MixLoraConfig Load(LlamaForCausalLM model, string directory, string adapterName = "default")
@@ -274,5 +264,6 @@ public static class MixLoraAdapters
         }
         LoraAdapters.Remove(model, adapterName);
         model.Model.EmbedTokens.RemovePrivilegeEmbedding(adapterName);
+        if (model.Adapters.TryGetValue(adapterName, out var method) && method == MethodName) model.UnregisterAdapter(adapterName);
     }
 }

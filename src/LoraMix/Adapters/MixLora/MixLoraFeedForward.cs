@@ -118,13 +118,12 @@ public enum MixLoraDispatch
 /// </summary>
 public sealed class MixLoraFeedForward : FeedForwardBlock
 {
-    [ComponentName(Name = "gate_proj")] private readonly nn.Module<Tensor, Tensor> _gate;
-    [ComponentName(Name = "up_proj")] private readonly nn.Module<Tensor, Tensor> _up;
-    [ComponentName(Name = "down_proj")] private readonly nn.Module<Tensor, Tensor> _down;
+    [ComponentName(Name = "gate_proj")] private LinearSlot _gate;
+    [ComponentName(Name = "up_proj")] private LinearSlot _up;
+    [ComponentName(Name = "down_proj")] private LinearSlot _down;
     [ComponentName(Name = "moe")] private readonly NamedModules<MixLoraMixture> _mixtures = new();
     private readonly LlamaMlp _dense;
     private readonly LlamaConfig _config;
-    private string? _active;
 
     /// <summary>Wraps a layer's dense MLP (its projection modules are shared, not copied).</summary>
     public MixLoraFeedForward(LlamaMlp dense, LlamaConfig config, int layer) : base(nameof(MixLoraFeedForward))
@@ -149,15 +148,18 @@ public sealed class MixLoraFeedForward : FeedForwardBlock
 
     public IReadOnlyList<string> AdapterNames => _mixtures.Names;
 
-    /// <summary>The adapter used in the forward pass, or null for the dense MLP.</summary>
-    public string? ActiveAdapter
+    /// <summary>Replaces a projection of the shared MLP (e.g. with an adapted linear layer for a LoRA adapter that
+    /// targets <c>mlp.*</c>), in the wrapped dense MLP and in this block, under the same state-dict name.</summary>
+    public void SetProjection(string name, LinearSlot module)
     {
-        get => _active;
-        set
+        _dense.SetProjection(name, module);
+        register_module(name, null!);
+        register_module(name, module);
+        switch (name)
         {
-            if (value is not null && !_mixtures.TryGet(value, out _))
-                throw new ArgumentException($"no MixLoRA adapter '{value}' on layer {Layer}; have: {string.Join(", ", AdapterNames)}");
-            _active = value;
+            case "gate_proj": _gate = module; break;
+            case "up_proj": _up = module; break;
+            default: _down = module; break;
         }
     }
 
@@ -171,12 +173,7 @@ public sealed class MixLoraFeedForward : FeedForwardBlock
     {
         if (string.IsNullOrEmpty(name) || name.Contains('.')) throw new ArgumentException($"adapter name '{name}' must be non-empty and contain no '.'");
         if (HasAdapter(name)) throw new ArgumentException($"MixLoRA adapter '{name}' already exists on layer {Layer}");
-        var weight = _gate switch
-        {
-            LinearLayer l => l.Weight,
-            AdaptedLinear a => a.Weight,
-            var other => throw new LoraMixException($"layer {Layer}: gate_proj holds a {other.GetType().Name}, not a linear layer"),
-        };
+        var weight = _gate.Weight;
         var mixture = new MixLoraMixture(_config, config, weight.device, AdapterDType(weight.dtype), generator);
         _mixtures.Add(name, mixture);
         return mixture;
@@ -186,7 +183,6 @@ public sealed class MixLoraFeedForward : FeedForwardBlock
     {
         var m = GetAdapter(name);
         _mixtures.Remove(name);
-        if (_active == name) _active = null;
         m.Dispose();
     }
 
@@ -203,13 +199,51 @@ public sealed class MixLoraFeedForward : FeedForwardBlock
         _ => throw new ArgumentException($"act_fn '{name}' is not supported; use one of {string.Join(", ", MixLoraConfig.ActivationFunctions)}"),
     };
 
-    public override IRouterPolicy? RouterPolicyFor(RoutingContext? routing) =>
-        _active is null ? null : routing?.Policy ?? GetAdapter(_active).Policy;
+    public override IEnumerable<IRouterPolicy> RouterPoliciesFor(RoutingContext? routing, AdapterSelection? adapters)
+    {
+        if (adapters is null) yield break;
+        foreach (var name in adapters.Names)
+            if (_mixtures.TryGet(name, out var m)) yield return routing?.Policy ?? m.Policy;
+    }
 
+    /// <summary>
+    /// Each row runs the mixture of the adapter it selects (<see cref="ForwardContext.Adapters"/>), or the dense MLP when
+    /// it selects none of this block's. When every row selects the same mixture the whole batch runs as one; otherwise the
+    /// rows are gathered per mixture (and the dense rows together), each group runs as a sub-batch with its own router and
+    /// router policy, and the outputs are put back in row order.
+    /// </summary>
     public override Tensor forward(Tensor x, ForwardContext ctx)
     {
-        if (_active is null) return _dense.forward(x, ctx);
-        var mixture = GetAdapter(_active);
+        var groups = ctx.Adapters is { } adapters ? adapters.Uses.Where(u => _mixtures.TryGet(u.Name, out _)).ToList() : [];
+        if (groups.Count == 0) return _dense.forward(x, ctx);
+        foreach (var g in groups)
+            if (g.UniformWeight != 1.0)
+                throw new ArgumentException($"MixLoRA adapter '{g.Name}' was selected with weight {g.Weights.First(w => w != 1.0)}; a mixture of experts runs at weight 1 only");
+        if (groups.Count == 1 && groups[0].AllRows) return MixtureForward(GetAdapter(groups[0].Name), groups[0].Name, x, ctx);
+
+        using var scope = NewDisposeScope();
+        long b = x.shape[0];
+        var owner = new string?[b];
+        foreach (var g in groups)
+            foreach (long r in g.Rows)
+                owner[r] = owner[r] is null ? g.Name
+                    : throw new ArgumentException($"row {r} composes two MixLoRA adapters ('{owner[r]}' and '{g.Name}'); a row may run one mixture of experts at most");
+        var output = zeros_like(x);
+        Tensor Run(int[] rows, Func<Tensor, ForwardContext, Tensor> block)
+        {
+            var index = tensor(rows.Select(r => (long)r).ToArray(), device: x.device);
+            return output.index_copy(0, index, block(x.index_select(0, index), ctx.ForRows(rows, index)));
+        }
+        var dense = Enumerable.Range(0, (int)b).Where(r => owner[r] is null).ToArray();
+        if (dense.Length > 0) output = Run(dense, (xs, c) => _dense.forward(xs, c));
+        foreach (var g in groups)
+            output = Run(g.Rows.Select(r => (int)r).ToArray(), (xs, c) => MixtureForward(GetAdapter(g.Name), g.Name, xs, c));
+        return output.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Every row of <paramref name="x"/> through <paramref name="mixture"/>: route, then sparse (or dense) dispatch.</summary>
+    private Tensor MixtureForward(MixLoraMixture mixture, string name, Tensor x, ForwardContext ctx)
+    {
         var cfg = mixture.Config;
         using var scope = NewDisposeScope();
         long b = x.shape[0], t = x.shape[1], h = x.shape[2];
@@ -226,14 +260,18 @@ public sealed class MixLoraFeedForward : FeedForwardBlock
         var step = new RouterStep
         {
             Layer = Layer, Input = routerInput.view(b, t, h), Router = input => nn.functional.linear(input, routerWeight),
-            Strategy = mixture.Strategy, Context = ctx,
+            Strategy = mixture.Strategy, Context = ctx, Adapter = name,
         };
         var decision = policy.Route(step);
-        routing?.Record(Layer, decision.Logits ?? step.Logits, decision, ctx.TokenMask);
+        routing?.Record(Layer, decision.Logits ?? step.Logits, decision, ctx.TokenMask, ctx.Rows, name);
 
-        // the frozen gate and up projections, once for all tokens
-        var gateBase = _gate.call(xs);
-        var upBase = _up.call(xs);
+        // the frozen gate and up projections, once for all tokens (with the LoRA updates of the rows' other adapters)
+        var gateBase = _gate.call(xs.view(b, t, h), ctx).reshape(b * t, -1);
+        var upBase = _up.call(xs.view(b, t, h), ctx).reshape(b * t, -1);
+        if (ctx.Adapters is { } adapters && _down is AdaptedLinear downAdapted
+            && adapters.Uses.FirstOrDefault(u => downAdapted.HasAdapter(u.Name) && !downAdapted.IsMerged(u.Name)) is { } clash)
+            throw new NotSupportedException($"layer {Layer}: adapter '{clash.Name}' adapts mlp.down_proj and is composed with MixLoRA adapter " +
+                                            $"'{name}' in the same row; run them in separate rows, or merge '{clash.Name}' first");
         var y = Dispatch == MixLoraDispatch.Dense
             ? DenseDispatch(mixture, xs, gateBase, upBase, decision, routerDType)
             : SparseDispatch(mixture, xs, gateBase, upBase, decision, routerDType);
@@ -321,7 +359,7 @@ public sealed class MixLoraFeedForward : FeedForwardBlock
     private Tensor ExpertOutputs(MixLoraMixture mixture, Tensor gate, Tensor up, int[] segments, long[] sizes)
     {
         var hidden = mixture.Activation(gate) * up;
-        var y = _down.call(hidden);
+        var y = _down.call(hidden, null);   // expert rows are gathered tokens, not batch rows: the base map alone
         if (mixture.ExpertList[0].Get("down_proj") is null) return y;
         var hParts = hidden.to(mixture.RouterWeight.dtype).split(sizes);
         return AddDeltas(y, mixture, "down_proj", segments.Select((e, i) => (e, hParts[i])).ToList());
