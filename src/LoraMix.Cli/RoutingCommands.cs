@@ -104,42 +104,41 @@ internal static class RoutingCommands
 
         public IEnumerable<Option> All => [Policy, Snapshot];
 
-        /// <summary>The override the command line asks for, or null. Checked before any model loads: the options need a
-        /// MixLoRA adapter among <paramref name="adapters"/>.</summary>
-        public IRouterPolicy? Resolve(ParseResult p, IReadOnlyList<string> adapters)
+        /// <summary>The override the command line asks for, or null. Checked before any model loads: the options need the
+        /// adapters <paramref name="options"/> runs to include a MixLoRA adapter.</summary>
+        public IRouterPolicy? Resolve(ParseResult p, EngineOptions options)
         {
             string? name = p.GetValue(Policy), snap = p.GetValue(Snapshot);
             if (name is null && snap is null) return null;
-            string? mixLora = adapters.FirstOrDefault(a => AdapterDirectory.Detect(a) == AdapterKind.MixLora);
-            if (mixLora is null)
+            if (ChatEngine.PlanAdapters(options).MixLoraInUse is not { } mixLora)
                 throw new LoraMixException((name is not null ? "--router-policy" : "--privileged-snapshot") +
                                            " applies to a MixLoRA adapter, and none was given with --adapter (LoRA adapters have no router)");
-            return ResolvePolicy(MixLoraConfig.Load(Path.Combine(mixLora, MixLoraAdapters.ConfigFileName)), name, snap);
+            return ResolvePolicy(MixLoraConfig.Load(Path.Combine(mixLora.Directory, MixLoraAdapters.ConfigFileName)), name, snap);
         }
 
-        /// <summary>Loads the engine with <paramref name="adapters"/> and the router policy the command line asks for, and
-        /// says on stderr which policy a MixLoRA adapter routes with.</summary>
-        public ChatEngine LoadEngine(ParseResult p, string model, IReadOnlyList<string> adapters, string device, string dtype, string? template)
+        /// <summary>Loads the engine with the adapters (<c>--adapter</c>, <c>--use</c>) and the router policy the command
+        /// line asks for, and says on stderr which policy a MixLoRA adapter routes with.</summary>
+        public ChatEngine LoadEngine(ParseResult p, string model, AdapterOptions adapters, string device, string dtype, string? template)
         {
-            var policy = Resolve(p, adapters);
-            var engine = ChatEngine.Load(model, new EngineOptions
+            var options = adapters.Apply(p, new EngineOptions
             {
                 Device = TorchRuntime.ParseDevice(device),
                 DType = TorchRuntime.ParseDType(dtype),
-                Adapters = adapters,
                 Template = template,
-                RouterPolicy = policy,
             });
-            Announce(engine, adapters, p.InvocationConfiguration.Error);
+            options = options with { RouterPolicy = Resolve(p, options) };
+            var engine = ChatEngine.Load(model, options);
+            Announce(engine, p.InvocationConfiguration.Error);
             return engine;
         }
 
         /// <summary>Writes, once, which router policy the engine's MixLoRA adapter routes with and where it came from;
         /// nothing when no adapter has a router.</summary>
-        public static void Announce(ChatEngine engine, IReadOnlyList<string> adapters, TextWriter error)
+        public static void Announce(ChatEngine engine, TextWriter error)
         {
             if (engine.RouterPolicy is not { } active) return;
-            string path = Path.Combine(adapters.First(a => AdapterDirectory.Detect(a) == AdapterKind.MixLora), MixLoraAdapters.ConfigFileName);
+            var mixLora = engine.LoadedAdapters.First(a => a.MixLora is not null && engine.DefaultAdapters.Terms.Any(t => t.Name == a.Name));
+            string path = Path.Combine(mixLora.Directory, MixLoraAdapters.ConfigFileName);
             string source = engine.RouterPolicySource switch
             {
                 RouterPolicySource.Override => "from --router-policy",

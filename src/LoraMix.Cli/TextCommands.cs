@@ -25,14 +25,14 @@ internal static class TextCommands
         public Option<long?> Seed { get; } = new("--seed") { Description = "Random seed (same seed, same output)." };
         public Option<string?> Stop { get; } = new("--stop-ids") { Description = "Extra stop token ids, comma-separated." };
         public Option<bool> IgnoreEos { get; } = new("--ignore-eos") { Description = "Do not stop at EOS or end-of-turn tokens." };
-        public Option<string[]> Adapter { get; } = new("--adapter") { Description = "Adapter directory to apply: PEFT LoRA (repeatable, summed) or one MoE-PEFT MixLoRA.", AllowMultipleArgumentsPerToken = false };
+        public AdapterOptions Adapters { get; } = new();
         public Option<double> MaxKvCacheGib { get; } = new("--max-kv-cache-gib") { Description = "Refuse a generation whose KV cache would exceed this many GiB (default 8).", DefaultValueFactory = _ => GenerationOptions.DefaultMaxKvCacheBytes / (double)(1L << 30) };
         public Option<string?> Template { get; } = new("--template") { Description = $"Chat template: {string.Join(", ", ChatTemplate.Names)} (default: from tokenizer_config.json)." };
         public Option<string> Device { get; } = ModelCommands.DeviceOption();
         public Option<string> DType { get; } = ModelCommands.DTypeOption("f32");
         public RoutingCommands.RouterPolicyOptions Router { get; } = new();
 
-        public IEnumerable<Option> All => [MaxNew, Temperature, TopK, TopP, Repetition, Seed, Stop, IgnoreEos, MaxKvCacheGib, Adapter, Template, Device, DType, .. Router.All];
+        public IEnumerable<Option> All => [MaxNew, Temperature, TopK, TopP, Repetition, Seed, Stop, IgnoreEos, MaxKvCacheGib, .. Adapters.All, Template, Device, DType, .. Router.All];
 
         public GenerationOptions Generation(ParseResult p)
         {
@@ -58,7 +58,7 @@ internal static class TextCommands
         /// <summary>Loads the engine with the adapters and the router policy the command line gives, and says on stderr
         /// which policy a MixLoRA adapter routes with.</summary>
         public ChatEngine LoadEngine(ParseResult p, string model) =>
-            Router.LoadEngine(p, model, p.GetValue(Adapter) ?? [], p.GetValue(Device)!, p.GetValue(DType)!, p.GetValue(Template));
+            Router.LoadEngine(p, model, Adapters, p.GetValue(Device)!, p.GetValue(DType)!, p.GetValue(Template));
     }
 
     public static Command Generate()

@@ -113,7 +113,7 @@ internal static class TrainCommands
     public static Command Eval()
     {
         var model = ModelCommands.ModelOption();
-        var adapter = new Option<string[]>("--adapter") { Description = "Adapter directory (PEFT LoRA or MoE-PEFT MixLoRA) to apply.", AllowMultipleArgumentsPerToken = false };
+        var adapters = new AdapterOptions();
         var dataset = new Option<string>("--dataset", "-d") { Description = "A dataset file (alpaca, chat, ShareGPT or text; .json, .jsonl or .txt).", Required = true };
         var template = new Option<string?>("--template") { Description = $"Chat template: {string.Join(", ", ChatTemplate.Names)} (default: from tokenizer_config.json)." };
         var maxNew = new Option<int>("--max-new-tokens") { Description = "Generation budget for exact match (default 64).", DefaultValueFactory = _ => 64 };
@@ -127,18 +127,18 @@ internal static class TrainCommands
         var router = new RoutingCommands.RouterPolicyOptions();
         var cmd = new Command("eval", "Evaluate a model (and adapter) on a dataset: loss, perplexity, and exact match overall and per family when records have answers.")
         {
-            model, adapter, dataset, template, maxNew, cutoff, batch, skipBad, noExact, json, device, dtype, router.Policy, router.Snapshot,
+            model, adapters.Adapter, adapters.Use, dataset, template, maxNew, cutoff, batch, skipBad, noExact, json, device, dtype, router.Policy, router.Snapshot,
         };
         cmd.SetAction(p =>
         {
             string file = p.GetValue(dataset)!;
             var data = DatasetReader.Load(file, DatasetFormat.Auto, p.GetValue(skipBad));   // bad input fails before the model loads
-            using var engine = router.LoadEngine(p, p.GetValue(model)!, p.GetValue(adapter) ?? [], p.GetValue(device)!, p.GetValue(dtype)!,
+            using var engine = router.LoadEngine(p, p.GetValue(model)!, adapters, p.GetValue(device)!, p.GetValue(dtype)!,
                 p.GetValue(template));
             var skipped = data.Skipped.ToList();
             var rendered = TrainingData.FromRecords(data.Records, engine.Renderer, trainOnPrompt: false, p.GetValue(skipBad), file, skipped);
             var loss = Trainer.Evaluate(engine.Model, [.. rendered.Select(r => r.Example)], p.GetValue(cutoff), p.GetValue(batch),
-                objective: new CausalLmObjective(engine.RouterPolicyOverride));
+                objective: new CausalLmObjective(engine.RouterPolicyOverride), adapters: AdapterSelection.Of(engine.DefaultAdapters));
             ExactMatchReport? exact = null;
             var answerable = rendered.Select(r => r.Record).Where(r => r.Messages is not null && r.ExpectedAnswer is not null).ToList();
             if (!p.GetValue(noExact) && answerable.Count > 0)
@@ -150,7 +150,7 @@ internal static class TrainCommands
                 var obj = new JsonObject
                 {
                     ["model"] = Path.GetFullPath(p.GetValue(model)!),
-                    ["adapters"] = new JsonArray([.. (p.GetValue(adapter) ?? []).Select(a => (JsonNode)JsonValue.Create(Path.GetFullPath(a))!)]),
+                    ["adapters"] = new JsonArray([.. engine.LoadedAdapters.Select(a => (JsonNode)JsonValue.Create(Path.GetFullPath(a.Directory))!)]),
                     ["dataset"] = Path.GetFullPath(file),
                     ["examples"] = rendered.Count,
                     ["skipped"] = skipped.Count,

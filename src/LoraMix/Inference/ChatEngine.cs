@@ -248,13 +248,47 @@ public sealed class ChatEngine : IDisposable
         if (options.TokenizerDirectory is not null && tokenizer is null)
             throw new TokenizerFileException(tokDir, null, "no tokenizer.json or tokenizer.model in this directory");
         ChatTemplate? template = options.Template is null ? null : ChatTemplate.Parse(options.Template);
+        var plan = PlanAdapters(options);
+        if (options.RouterPolicy is not null && plan.MixLoraInUse is null)
+            throw new LoraMixException($"a router policy ({options.RouterPolicy.Describe()}) was given, but no MixLoRA adapter is loaded: " +
+                                       "only MixLoRA adapters have a router (plain LoRA adapters route nothing)");
+        var model = LlamaForCausalLM.FromPretrained(modelDirectory, options.Device, options.DType);
+        try
+        {
+            var engine = new ChatEngine(model, tokenizer, template, modelDirectory, options.RouterPolicy);
+            foreach (var (name, path, _) in plan.Adapters) engine.LoadUnlocked(name, path);
+            engine.SetDefaultAdapters(plan.Use);
+            model.eval();
+            return engine;
+        }
+        catch
+        {
+            model.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>The adapters <paramref name="options"/> load (name, directory, detected kind) and what calls run by
+    /// default, worked out before anything loads: unnamed directories are named <c>default</c> (one, alone) or
+    /// <c>adapterN</c>; the default is <see cref="EngineOptions.Use"/>, else the only adapter, else the sum of several
+    /// LoRA adapters.</summary>
+    /// <exception cref="LoraMixException">A name repeats, <c>Use</c> names an adapter not given, or several adapters
+    /// include a MixLoRA one and <c>Use</c> does not say which to run.</exception>
+    public static AdapterPlan PlanAdapters(EngineOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(options);
         var named = options.Adapters.Select((path, i) => new KeyValuePair<string, string>(
                 options.Adapters.Count == 1 && options.NamedAdapters.Count == 0 ? "default" : $"adapter{i}", path))
             .Concat(options.NamedAdapters).ToList();
-        foreach (var (name, _) in named) AdapterChoice.CheckName(name);
+        foreach (var (name, _) in named)
+        {
+            try { AdapterChoice.CheckName(name); }
+            catch (ArgumentException e) { throw new LoraMixException(e.Message); }
+        }
         if (named.GroupBy(n => n.Key).FirstOrDefault(g => g.Count() > 1) is { } dup)
             throw new LoraMixException($"adapter name '{dup.Key}' is given twice; give each adapter its own name");
-        var kinds = named.ToDictionary(n => n.Key, n => AdapterDirectory.Detect(n.Value));
+        var adapters = named.Select(n => (n.Key, n.Value, AdapterDirectory.Detect(n.Value))).ToList();
+        var kinds = adapters.ToDictionary(a => a.Key, a => a.Item3);
         if (options.Use is { } use)
             foreach (var t in use.Terms)
                 if (!kinds.ContainsKey(t.Name))
@@ -267,24 +301,20 @@ public sealed class ChatEngine : IDisposable
             _ => throw new LoraMixException($"{named.Count} adapters are loaded and one is MixLoRA: say which to run with --use NAME " +
                                             $"(loaded: {string.Join(", ", named.Select(n => $"{n.Key}={n.Value}"))})"),
         });
-        if (options.RouterPolicy is not null && !choice.Terms.Any(t => kinds[t.Name] == AdapterKind.MixLora))
-            throw new LoraMixException($"a router policy ({options.RouterPolicy.Describe()}) was given, but no MixLoRA adapter is loaded: " +
-                                       "only MixLoRA adapters have a router (plain LoRA adapters route nothing)");
-        var model = LlamaForCausalLM.FromPretrained(modelDirectory, options.Device, options.DType);
-        try
-        {
-            var engine = new ChatEngine(model, tokenizer, template, modelDirectory, options.RouterPolicy);
-            foreach (var (name, path) in named) engine.LoadUnlocked(name, path);
-            engine.SetDefaultAdapters(choice);
-            model.eval();
-            return engine;
-        }
-        catch
-        {
-            model.Dispose();
-            throw;
-        }
+        var mixInUse = choice.Terms.Where(t => kinds[t.Name] == AdapterKind.MixLora).ToList();
+        if (mixInUse.Count > 1)
+            throw new LoraMixException($"--use composes two MixLoRA adapters ({string.Join(", ", mixInUse.Select(t => t.Name))}); a row runs one mixture of experts at most");
+        (string, string)? mixLora = null;
+        if (mixInUse.Count == 1) mixLora = adapters.Where(a => a.Key == mixInUse[0].Name).Select(a => (a.Key, a.Value)).First();
+        return new AdapterPlan(adapters, choice, mixLora);
     }
+
+    /// <summary>What <see cref="PlanAdapters"/> worked out.</summary>
+    /// <param name="Adapters">Name, directory and kind of every adapter, in load order.</param>
+    /// <param name="Use">What calls run by default.</param>
+    /// <param name="MixLoraInUse">The MixLoRA adapter <paramref name="Use"/> runs (name, directory), or null.</param>
+    public sealed record AdapterPlan(IReadOnlyList<(string Name, string Directory, AdapterKind Kind)> Adapters, AdapterChoice Use,
+        (string Name, string Directory)? MixLoraInUse);
 
     /// <summary>True when <paramref name="directory"/> holds tokenizer.json or tokenizer.model.</summary>
     public static bool HasTokenizerFiles(string directory) =>
