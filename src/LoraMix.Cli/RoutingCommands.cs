@@ -43,10 +43,12 @@ internal static class RoutingCommands
             // Everything that can be checked without the model is checked first: bad input fails fast and writes nothing.
             string adapterDir = p.GetValue(adapter)!, outDir = p.GetValue(output)!;
             var messages = ChatFile.Load(p.GetValue(chat)!);
-            if (AdapterDirectory.Detect(adapterDir) != AdapterKind.MixLora)
-                throw new LoraMixException($"{adapterDir} is a LoRA adapter, but inspect-routing needs a MixLoRA adapter (peft_type MIXLORA): " +
-                                           "plain LoRA has no router. Train one with adapter type mixlora (see examples/).");
-            var config = MixLoraConfig.Load(Path.Combine(adapterDir, MixLoraAdapters.ConfigFileName));
+            var mix = AdapterMethods.MixLora;
+            var method = AdapterMethods.Detect(adapterDir);
+            if (method != mix)
+                throw new LoraMixException($"{adapterDir} is a {method.DisplayName} adapter, but inspect-routing needs a {mix.DisplayName} adapter (peft_type {mix.PeftType}): " +
+                                           $"plain {method.DisplayName} has no router. Train one with adapter type {mix.Name} (see examples/).");
+            var config = (MixLoraConfig)mix.LoadConfig(adapterDir);
             var policyOverride = ResolvePolicy(config, p.GetValue(policy), p.GetValue(snapshot));
             if (File.Exists(outDir)) throw new LoraMixException($"--out {outDir} is a file; give a directory");
             var dev = TorchRuntime.ParseDevice(p.GetValue(device)!);
@@ -113,7 +115,7 @@ internal static class RoutingCommands
             if (ChatEngine.PlanAdapters(options).MixLoraInUse is not { } mixLora)
                 throw new LoraMixException((name is not null ? "--router-policy" : "--privileged-snapshot") +
                                            " applies to a MixLoRA adapter, and none was given with --adapter (LoRA adapters have no router)");
-            return ResolvePolicy(MixLoraConfig.Load(Path.Combine(mixLora.Directory, MixLoraAdapters.ConfigFileName)), name, snap);
+            return ResolvePolicy((MixLoraConfig)AdapterMethods.MixLora.LoadConfig(mixLora.Directory), name, snap);
         }
 
         /// <summary>Loads the engine with the adapters (<c>--adapter</c>, <c>--use</c>) and the router policy the command

@@ -86,18 +86,9 @@ internal static class TrainCommands
 
     private static void PrintWritten(TextWriter o, TrainingRecipe r, RecipeResult result)
     {
-        string what = r.Method switch
-        {
-            RecipeMethod.Lora => "adapter:     ",
-            RecipeMethod.MixLora => "adapter:     ",
-            _ => "model:       ",
-        };
-        o.WriteLine($"{what}{result.OutputDir}" + r.Method switch
-        {
-            RecipeMethod.Lora => " (PEFT LoRA: adapter_config.json + adapter_model.safetensors)",
-            RecipeMethod.MixLora => " (MoE-PEFT MixLoRA: adapter_config.json + adapter_model.bin + adapter_model.safetensors)",
-            _ => " (Hugging Face model directory)",
-        });
+        var method = r.AdapterMethod;
+        string what = method is not null ? "adapter:     " : "model:       ";
+        o.WriteLine($"{what}{result.OutputDir} ({method?.OutputDescription ?? "Hugging Face model directory"})");
         o.WriteLine($"metrics:     {result.MetricsPath}");
         o.WriteLine($"loss curve:  {result.LossPlotPath}");
         if (result.Training.Checkpoints.Count > 0) o.WriteLine($"checkpoints: {string.Join(", ", result.Training.Checkpoints)}");
@@ -203,7 +194,7 @@ internal static class TrainCommands
         cmd.SetAction(p =>
         {
             string baseDir = p.GetValue(model)!, adapterDir = p.GetValue(adapter)!, outDir = p.GetValue(output)!;
-            if (AdapterDirectory.Detect(adapterDir) == AdapterKind.MixLora)
+            if (AdapterMethods.Detect(adapterDir) == AdapterMethods.MixLora)
                 throw new LoraMixException($"{adapterDir} is a MixLoRA adapter, which cannot be merged into the base weights: its router picks " +
                                            "different experts for every token, so there is no single weight update to fold in. " +
                                            $"Serve it with --adapter instead (e.g. ./loramix chat --model {baseDir} --adapter {adapterDir})");

@@ -1,38 +1,27 @@
-using System.Text.Json;
-using System.Text.Json.Nodes;
-using LoraMix.Adapters.Lora;
-using LoraMix.Adapters.MixLora;
-
 namespace LoraMix.Adapters;
 
-/// <summary>The kinds of adapter directory LoraMix loads.</summary>
+/// <summary>The kinds of adapter directory LoraMix loads (one per registered method, named as its
+/// <see cref="IAdapterMethod.Name"/>). New code uses <see cref="AdapterMethods"/>; this enum remains for callers that
+/// compare kinds.</summary>
 public enum AdapterKind
 {
-    /// <summary>A Hugging Face PEFT LoRA adapter (<c>peft_type: "LORA"</c>).</summary>
+    /// <summary>A Hugging Face PEFT LoRA adapter (<see cref="AdapterMethods.Lora"/>).</summary>
     Lora,
 
-    /// <summary>A MoE-PEFT MixLoRA adapter (<c>peft_type: "MIXLORA"</c>, or a <c>routing_strategy</c> key).</summary>
+    /// <summary>A MoE-PEFT MixLoRA adapter (<see cref="AdapterMethods.MixLora"/>).</summary>
     MixLora,
 }
 
-/// <summary>Tells adapter directories apart by their <c>adapter_config.json</c>.</summary>
+/// <summary>Tells adapter directories apart by their <c>adapter_config.json</c>: a thin wrapper over
+/// <see cref="AdapterMethods.Detect(string)"/>, which new code should call.</summary>
 public static class AdapterDirectory
 {
-    /// <summary>The kind of adapter in <paramref name="directory"/>; throws naming the file when it is missing, not JSON,
-    /// or of a type LoraMix does not load.</summary>
-    public static AdapterKind Detect(string directory)
-    {
-        string path = Path.Combine(directory, LoraAdapters.ConfigFileName);
-        if (!Directory.Exists(directory)) throw new LoraMixException($"adapter directory '{directory}' does not exist");
-        var obj = AdapterFiles.ReadConfigObject(path, "LoRA or MixLoRA");
-        string? type = obj["peft_type"] is JsonValue v && v.GetValueKind() == JsonValueKind.String ? v.GetValue<string>() : null;
-        return type switch
-        {
-            "LORA" => AdapterKind.Lora,
-            MixLoraConfig.PeftType => AdapterKind.MixLora,
-            null when obj.ContainsKey("routing_strategy") => AdapterKind.MixLora,
-            null => AdapterKind.Lora,
-            _ => throw new AdapterConfigException(path, "peft_type", $"is '{InputFiles.Shorten(type)}'; LoraMix loads LORA and MIXLORA adapters"),
-        };
-    }
+    /// <summary>The kind of adapter in <paramref name="directory"/> (<see cref="AdapterMethods.Detect(string)"/>); throws
+    /// naming the file when it is missing, not JSON, or of a type no method is registered for.</summary>
+    public static AdapterKind Detect(string directory) => KindOf(AdapterMethods.Detect(directory));
+
+    /// <summary>The <see cref="AdapterKind"/> named like <paramref name="method"/>.</summary>
+    public static AdapterKind KindOf(IAdapterMethod method) =>
+        Enum.TryParse<AdapterKind>(method.Name, ignoreCase: true, out var kind) ? kind
+            : throw new LoraMixException($"adapter method '{method.Name}' has no {nameof(AdapterKind)}; use {nameof(AdapterMethods)}");
 }

@@ -406,10 +406,13 @@ public sealed class ConfigDocument
 
     public int Int(string key, int defaultValue) => Int(key) ?? defaultValue;
 
-    public bool Bool(string key, bool defaultValue)
+    public bool Bool(string key, bool defaultValue) => Bool(key) ?? defaultValue;
+
+    /// <summary>true or false, or null when the key is absent or null.</summary>
+    public bool? Bool(string key)
     {
         var n = Lookup(key, out bool present);
-        if (!present || n is null) return defaultValue;
+        if (!present || n is null) return null;
         return n is JsonValue v && v.GetValueKind() is JsonValueKind.True or JsonValueKind.False ? v.GetValue<bool>() : throw Wrong(key, "true or false", n);
     }
 

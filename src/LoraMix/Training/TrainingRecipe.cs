@@ -1,4 +1,6 @@
 using System.Globalization;
+using System.Text.Json.Nodes;
+using LoraMix.Adapters;
 using LoraMix.Adapters.Lora;
 using LoraMix.Adapters.MixLora;
 using LoraMix.Configuration;
@@ -117,13 +119,6 @@ public sealed record TrainingRecipe
     /// <summary>Whether exact-match runs after training.</summary>
     public bool RunsExactMatch => EvalExactMatch ?? EvalDataset?.TaskWorld is not null;
 
-    private static readonly string[] MixLoraKeys =
-    [
-        "routing_strategy", "num_experts", "top_k", "top_p", "temperature", "router_aux_loss_coef", "router_loss",
-        "router_z_loss_coef", "router_init_range", "jitter_noise", "act_fn", "expert_capacity", "ffn_dropout", "sparse_step",
-        "lora_init", "router_policy", "privileged_snapshot", "privilege_embedding", "expert_lora.r", "expert_lora.lora_alpha", "expert_lora.lora_dropout", "expert_lora.use_rslora",
-    ];
-
     /// <summary>Keys understood besides the trainer's (<see cref="TrainingOptions.Keys"/>).</summary>
     public static IReadOnlyList<string> RecipeKeys { get; } =
     [
@@ -137,8 +132,9 @@ public sealed record TrainingRecipe
         "eval_dataset.task_world.split", "eval_dataset.task_world.placement", "eval_dataset.task_world.paraphrases",
         "val_size", "max_samples", "template", "train_on_prompt", "skip_bad", "device",
         "eval_exact_match", "eval_max_new_tokens", "report_samples_per_family",
-        "adapter.type", "adapter.r", "adapter.lora_alpha", "adapter.lora_dropout", "adapter.target_modules", "adapter.use_rslora",
-        .. MixLoraKeys.Select(k => "adapter." + k),
+        "adapter.type",
+        // every registered method's keys, in registration order (lora's, then those mixlora adds)
+        .. AdapterMethods.All.SelectMany(m => m.RecipeKeys).Select(k => "adapter." + k.Key).Distinct(),
     ];
 
 
@@ -190,13 +186,11 @@ public sealed record TrainingRecipe
 
         // ---- method
         string type = doc.String("adapter.type") ?? (init ? "full" : "lora");
-        var method = type.ToLowerInvariant() switch
-        {
-            "lora" => RecipeMethod.Lora,
-            "mixlora" => RecipeMethod.MixLora,
-            "full" => RecipeMethod.Full,
-            _ => throw Bad("adapter.type", $"unknown adapter type '{type}'; expected lora, mixlora or full"),
-        };
+        // an adapter method of the registry, or full training (not an adapter method: a recipe special case)
+        bool full = type.Equals(FullType, StringComparison.OrdinalIgnoreCase);
+        var adapterMethod = full ? null : AdapterMethods.ByName(type)
+            ?? throw Bad("adapter.type", $"unknown adapter type '{type}'; expected {string.Join(", ", AdapterMethods.Names)} or {FullType}");
+        var method = adapterMethod is null ? RecipeMethod.Full : MethodOf(adapterMethod);
         if (init && method != RecipeMethod.Full)
             throw Bad("adapter.type", $"'{type}' needs a trained base model; 'model_init' pre-trains every weight, so use type: full (or leave adapter out)");
 
@@ -243,12 +237,15 @@ public sealed record TrainingRecipe
 
         // ---- model_init / adapters
         if (init) recipe = recipe with { ModelInit = ReadModelInit(doc, trainer.Seed) };
-        recipe = method switch
+        if (adapterMethod is not null)
         {
-            RecipeMethod.Lora => recipe with { Lora = ReadLora(doc, model) },
-            RecipeMethod.MixLora => recipe with { MixLora = ReadMixLora(doc, model) },
-            _ => recipe,
-        };
+            recipe = ReadAdapter(doc, adapterMethod, model) switch
+            {
+                LoraConfig lora => recipe with { Lora = lora },
+                MixLoraConfig mix => recipe with { MixLora = mix },
+                var other => throw new LoraMixException($"adapter type '{adapterMethod.Name}' ({other.GetType().Name}) cannot be trained by a recipe yet"),
+            };
+        }
         doc.RejectUnread(AllKeys);
         return recipe;
     }
@@ -364,84 +361,65 @@ public sealed record TrainingRecipe
         return new ModelInitSpec(cfg, tokenizer, initSeed);
     }
 
-    private static LoraConfig ReadLora(ConfigDocument doc, string? model)
-    {
-        var d = new LoraConfig();
-        int r = doc.Int("adapter.r", d.R);
-        var cfg = new LoraConfig
-        {
-            R = r,
-            LoraAlpha = doc.Double("adapter.lora_alpha", d.LoraAlpha),
-            LoraDropout = doc.Double("adapter.lora_dropout", d.LoraDropout),
-            UseRsLora = doc.Bool("adapter.use_rslora", false),
-            BaseModelNameOrPath = model,
-        };
-        if (doc.IsList("adapter.target_modules"))
-            cfg = cfg with { TargetModules = doc.StringList("adapter.target_modules") };
-        else if (doc.String("adapter.target_modules") is { } t)
-            cfg = t is "all-linear" or "all" ? cfg with { AllLinear = true, TargetModules = null } : cfg with { TargetRegex = t, TargetModules = null };
-        Range(doc, "adapter.r", cfg.R, 1, MaxRank);
-        try { cfg.Validate(doc.Source + ": adapter"); }
-        catch (AdapterConfigException e) { throw new ConfigFileException(doc.Source, "adapter." + e.Key, e.Reason); }
-        return cfg;
-    }
+    /// <summary>The <c>adapter.type</c> of full training (every weight; not an adapter method).</summary>
+    public const string FullType = "full";
 
-    private static MixLoraConfig ReadMixLora(ConfigDocument doc, string? model)
+    /// <summary>The <see cref="RecipeMethod"/> of a registered adapter method (named alike).</summary>
+    public static RecipeMethod MethodOf(IAdapterMethod method) =>
+        Enum.TryParse<RecipeMethod>(method.Name, ignoreCase: true, out var m) && m != RecipeMethod.Full ? m
+            : throw new LoraMixException($"adapter method '{method.Name}' has no {nameof(RecipeMethod)}");
+
+    /// <summary>The registered adapter method a recipe trains, or null for full training.</summary>
+    public IAdapterMethod? AdapterMethod => Method == RecipeMethod.Full ? null : AdapterMethods.ByName(Method.ToString());
+
+    /// <summary>
+    /// Reads the <c>adapter:</c> section into the config of <paramref name="method"/> through the config's one parser: each
+    /// of the method's <see cref="IAdapterMethod.RecipeKeys"/> present is read with the recipe's typed accessors (their
+    /// leniency and messages; absent and null keys are left out) into an object, which the method parses in the
+    /// <see cref="AdapterConfigDialect.Recipe"/> dialect. Keys the method does not list stay unread, so
+    /// <see cref="ConfigDocument.RejectUnread"/> rejects them. Errors name the file and <c>adapter.&lt;key&gt;</c>.
+    /// </summary>
+    internal static object ReadAdapter(ConfigDocument doc, IAdapterMethod method, string? model)
     {
         const string p = "adapter.";
-        var d = new MixLoraConfig();
-        IReadOnlyList<string> targets = d.TargetModules;
-        if (doc.IsList(p + "target_modules")) targets = doc.StringList(p + "target_modules")!;
-        else if (doc.String(p + "target_modules") is { } t)
-            targets = t is "all-linear" or "all" ? MixLoraConfig.LlamaTargetOrder
-                : throw new ConfigFileException(doc.Source, p + "target_modules", $"expected a list of projections or \"all-linear\", got '{t}'");
-        ExpertLoraConfig? expert = null;
-        if (doc.Has(p + "expert_lora"))
+        var section = new JsonObject();
+        foreach (var (key, kind) in method.RecipeKeys)
         {
-            var x = new ExpertLoraConfig();
-            expert = new ExpertLoraConfig
+            string full = p + key;
+            var parts = key.Split('.');
+            JsonObject parent = section;
+            for (int i = 0; i < parts.Length - 1; i++)
             {
-                R = doc.Int(p + "expert_lora.r", x.R),
-                LoraAlpha = doc.Int(p + "expert_lora.lora_alpha", x.LoraAlpha),
-                LoraDropout = doc.Double(p + "expert_lora.lora_dropout", x.LoraDropout),
-                UseRsLora = doc.Bool(p + "expert_lora.use_rslora", x.UseRsLora),
+                // a nested block given at all (even empty) is in the section, as the recipe always read it
+                if (!doc.Has(p + string.Join('.', parts[..(i + 1)]))) { parent = null!; break; }
+                if (parent[parts[i]] is not JsonObject child) parent[parts[i]] = child = new JsonObject();
+                parent = child;
+            }
+            if (parent is null) continue;
+            JsonNode? value = kind switch
+            {
+                RecipeValueKind.Int => doc.Int(full) is { } n ? JsonValue.Create(n) : null,
+                RecipeValueKind.Number => doc.Double(full) is { } d ? JsonValue.Create(d) : null,
+                RecipeValueKind.Bool => doc.Bool(full) is { } b ? JsonValue.Create(b) : null,
+                RecipeValueKind.String => doc.String(full) is { } s ? JsonValue.Create(s) : null,
+                RecipeValueKind.NonNullString => doc.Has(full) ? JsonValue.Create(doc.NonNullString(full, "")) : null,
+                RecipeValueKind.NonNullBool => doc.Has(full) ? JsonValue.Create(doc.NonNullBool(full, false)) : null,
+                RecipeValueKind.StringListOrString => doc.IsList(full)
+                    ? new JsonArray([.. doc.StringList(full)!.Select(x => (JsonNode?)JsonValue.Create(x))])
+                    : doc.String(full) is { } t ? JsonValue.Create(t) : null,
+                _ => throw new ArgumentOutOfRangeException(nameof(method), kind, "unknown recipe value kind"),
             };
+            if (value is not null) parent[parts[^1]] = value;
         }
-        int? OptInt(string key) => doc.Int(p + key);
-        var cfg = new MixLoraConfig
+        if (model is not null) section["base_model_name_or_path"] = model;
+        try
         {
-            R = doc.Int(p + "r", d.R),
-            LoraAlpha = doc.Int(p + "lora_alpha", d.LoraAlpha),
-            LoraDropout = doc.Double(p + "lora_dropout", d.LoraDropout),
-            TargetModules = targets,
-            UseRsLora = doc.Bool(p + "use_rslora", d.UseRsLora),
-            LoraInit = doc.String(p + "lora_init", d.LoraInit)!,
-            ExpertLora = expert,
-            RoutingStrategy = doc.String(p + "routing_strategy", d.RoutingStrategy)!,
-            NumExperts = doc.Int(p + "num_experts", d.NumExperts),
-            TopK = doc.Int(p + "top_k", d.TopK),
-            TopP = doc.Double(p + "top_p", d.TopP),
-            Temperature = doc.Double(p + "temperature", d.Temperature),
-            RouterAuxLossCoef = doc.Double(p + "router_aux_loss_coef", d.RouterAuxLossCoef),
-            RouterLoss = doc.Bool(p + "router_loss", d.RouterLoss),
-            RouterZLossCoef = doc.Double(p + "router_z_loss_coef"),
-            RouterInitRange = doc.Double(p + "router_init_range"),
-            JitterNoise = doc.Double(p + "jitter_noise"),
-            ActFn = doc.String(p + "act_fn"),
-            ExpertCapacity = doc.Int(p + "expert_capacity", d.ExpertCapacity),
-            FfnDropout = doc.Double(p + "ffn_dropout", d.FfnDropout),
-            SparseStep = OptInt("sparse_step"),
-            RouterPolicy = doc.NonNullString(p + "router_policy", d.RouterPolicy),
-            PrivilegedSnapshot = doc.NonNullString(p + "privileged_snapshot", d.PrivilegedSnapshot),
-            PrivilegeEmbedding = doc.NonNullBool(p + "privilege_embedding", d.PrivilegeEmbedding),
-            BaseModelNameOrPath = model,
-        };
-        Range(doc, p + "r", cfg.R, 1, MaxRank);
-        if (cfg.ExpertLora is { } xl) Range(doc, p + "expert_lora.r", xl.R, 1, MaxRank);
-        Range(doc, p + "num_experts", cfg.NumExperts, 1, MaxExperts);
-        try { cfg.Validate(doc.Source + ": adapter"); }
-        catch (AdapterConfigException e) { throw new ConfigFileException(doc.Source, p + e.Key, e.Reason); }
-        return cfg;
+            return method.ParseConfig(section, doc.Source + ": adapter", AdapterConfigDialect.Recipe);
+        }
+        catch (AdapterConfigException e)
+        {
+            throw new ConfigFileException(doc.Source, p + e.Key, e.Reason);
+        }
     }
 
     /// <summary>Runs the recipe: see <see cref="TrainingRecipeRunner"/>.</summary>

@@ -11,6 +11,9 @@ namespace LoraMix.Adapters.Lora;
 /// </summary>
 public sealed record LoraConfig
 {
+    /// <summary>The <c>peft_type</c> of a LoRA <c>adapter_config.json</c> (registered in <see cref="AdapterMethods"/>).</summary>
+    public const string PeftType = "LORA";
+
     public int R { get; init; } = 8;
     public double LoraAlpha { get; init; } = 8;
     public double LoraDropout { get; init; }
@@ -135,7 +138,7 @@ public sealed record LoraConfig
             ["megatron_config"] = null,
             ["megatron_core"] = "megatron.core",
             ["modules_to_save"] = null,
-            ["peft_type"] = "LORA",
+            ["peft_type"] = PeftType,
             ["r"] = R,
             ["rank_pattern"] = new JsonObject(),
             ["revision"] = null,
@@ -156,13 +159,20 @@ public sealed record LoraConfig
         return Parse(obj, path);
     }
 
-    /// <summary>Parses a PEFT adapter config object; <paramref name="source"/> names it in errors.</summary>
+    /// <summary>
+    /// The one LoRA config parser: a PEFT adapter config object, or a training recipe's <c>adapter:</c> section read into
+    /// one (<paramref name="dialect"/> <see cref="AdapterConfigDialect.Recipe"/>); <paramref name="source"/> names it in
+    /// errors. The recipe differs in two things only, as it always has: <c>target_modules</c> may be left out
+    /// (<c>[q_proj, v_proj]</c>), and <c>"all"</c> is a synonym of <c>"all-linear"</c>. (The PEFT-only keys such as
+    /// <c>peft_type</c>, <c>use_dora</c> or <c>task_type</c> are not recipe keys, so a recipe never sets them.)
+    /// </summary>
     /// <exception cref="AdapterConfigException">A key is mistyped, out of range or names an unsupported option.</exception>
-    public static LoraConfig Parse(JsonObject obj, string source)
+    public static LoraConfig Parse(JsonObject obj, string source, AdapterConfigDialect dialect = AdapterConfigDialect.AdapterConfigJson)
     {
-        string peftType = Str(obj, "peft_type", source) ?? "LORA";
-        if (peftType != "LORA")
-            throw new AdapterConfigException(source, "peft_type", $"is '{InputFiles.Shorten(peftType)}', expected 'LORA' for a LoRA adapter");
+        bool recipe = dialect == AdapterConfigDialect.Recipe;
+        string peftType = Str(obj, "peft_type", source) ?? PeftType;
+        if (peftType != PeftType)
+            throw new AdapterConfigException(source, "peft_type", $"is '{InputFiles.Shorten(peftType)}', expected '{PeftType}' for a LoRA adapter");
 
         void RejectUnless(string key, Func<JsonNode?, bool> isDefault, string what)
         {
@@ -211,13 +221,14 @@ public sealed record LoraConfig
         };
         cfg = obj["target_modules"] switch
         {
-            JsonValue v when v.TryGetValue(out string? all) && all == "all-linear" => cfg with { AllLinear = true, TargetModules = null },
+            JsonValue v when v.TryGetValue(out string? all) && (all == "all-linear" || (recipe && all == "all")) => cfg with { AllLinear = true, TargetModules = null },
             JsonValue v when v.TryGetValue(out string? regex) => cfg with { TargetRegex = regex, TargetModules = null },
             JsonArray a => cfg with
             {
                 TargetModules = a.Select(e => e is JsonValue ev && ev.TryGetValue(out string? name) ? name
                     : throw new AdapterConfigException(source, "target_modules", $"entries must be strings, got {InputFiles.Shorten(e?.ToJsonString() ?? "null")}")).ToList(),
             },
+            null when recipe => cfg,
             null => throw new AdapterConfigException(source, "target_modules", "is missing; give module names (e.g. [\"q_proj\", \"v_proj\"]), a regex, or \"all-linear\""),
             var other => throw new AdapterConfigException(source, "target_modules",
                 $"must be a list, a regex string or \"all-linear\", got {InputFiles.Shorten(other.ToJsonString())}"),

@@ -304,18 +304,35 @@ public sealed record MixLoraConfig
         return Parse(obj, path);
     }
 
-    /// <summary>Parses MoE-PEFT's adapter keys (an <c>adapter_config.json</c> or an adapter entry of a MoE-PEFT training
-    /// config). Legacy m-LoRA names (<c>mixtral</c>/<c>switch</c>, <c>w1_proj</c>/<c>w2_proj</c>/<c>w3_proj</c>) are
-    /// accepted. Keys MoE-PEFT ignores are ignored.</summary>
-    public static MixLoraConfig Parse(JsonObject obj, string source = "adapter config")
+    /// <summary>
+    /// The one MixLoRA config parser: MoE-PEFT's adapter keys (an <c>adapter_config.json</c> or an adapter entry of a
+    /// MoE-PEFT training config), or a training recipe's <c>adapter:</c> section read into an object
+    /// (<paramref name="dialect"/> <see cref="AdapterConfigDialect.Recipe"/>). Keys MoE-PEFT ignores are ignored (a
+    /// recipe never passes them: it rejects unknown keys itself).
+    /// </summary>
+    /// <remarks>
+    /// The two sources differ where they always have. A file must give the keys MoE-PEFT requires (<c>r</c>,
+    /// <c>lora_alpha</c>, <c>lora_dropout</c>, <c>target_modules</c>, <c>routing_strategy</c>, <c>num_experts</c>), may use
+    /// the legacy m-LoRA names (<c>mixtral</c>/<c>switch</c>, <c>w1_proj</c>/<c>w2_proj</c>/<c>w3_proj</c>) and the
+    /// <c>{name: bool}</c> form of <c>target_modules</c>, fills missing <c>expert_lora</c> keys from the top level (as
+    /// MoE-PEFT does), and may not give a strategy-specific key for another strategy. A recipe takes the C# defaults for
+    /// missing keys (<c>expert_lora</c>'s from <see cref="ExpertLoraConfig"/>), takes <c>"all-linear"</c> (or <c>"all"</c>)
+    /// as every projection, and does not check strategy-specific keys against the strategy.
+    /// </remarks>
+    public static MixLoraConfig Parse(JsonObject obj, string source = "adapter config", AdapterConfigDialect dialect = AdapterConfigDialect.AdapterConfigJson)
     {
         void Fail(string key, string reason) => throw new AdapterConfigException(source, key, reason);
+        bool recipe = dialect == AdapterConfigDialect.Recipe;
+        var defaults = new MixLoraConfig();
+        // a key MoE-PEFT requires: a recipe takes the C# default
+        int TopInt(string key, int recipeDefault) => recipe ? Int(obj, key, source) ?? recipeDefault : RequiredInt(obj, key, source);
 
         if (obj["peft_type"] is JsonNode pt && pt.GetValueKind() == JsonValueKind.String && pt.GetValue<string>() != PeftType)
             Fail("peft_type", $"is '{pt.GetValue<string>()}', expected '{PeftType}' for a MixLoRA adapter");
 
-        string strategy = Str(obj, "routing_strategy", source) ?? throw new AdapterConfigException(source, "routing_strategy", $"is missing; use one of {string.Join(", ", RoutingStrategies)}");
-        strategy = strategy switch { "mixtral" => TopKStrategy, "switch" => SwitchStrategy, _ => strategy };
+        string strategy = Str(obj, "routing_strategy", source)
+            ?? (recipe ? defaults.RoutingStrategy : throw new AdapterConfigException(source, "routing_strategy", $"is missing; use one of {string.Join(", ", RoutingStrategies)}"));
+        if (!recipe) strategy = strategy switch { "mixtral" => TopKStrategy, "switch" => SwitchStrategy, _ => strategy };
 
         if (obj["use_dora"] is JsonNode dora && Bool(dora, "use_dora", source))
             Fail("use_dora", "DoRA (MixDoRA) is not implemented; supported: false");
@@ -327,8 +344,16 @@ public sealed record MixLoraConfig
             case JsonArray a:
                 foreach (var n in a) targets.Add(n is JsonValue v && v.GetValueKind() == JsonValueKind.String ? v.GetValue<string>() : throw new AdapterConfigException(source, "target_modules", $"entries must be strings, got {n?.ToJsonString() ?? "null"}"));
                 break;
-            case JsonObject d:
+            case JsonObject d when !recipe:
                 foreach (var (k, v) in d) if (v is not null && Bool(v, $"target_modules.{k}", source)) targets.Add(k);
+                break;
+            case JsonValue v when recipe:
+                string t = v.GetValueKind() == JsonValueKind.String ? v.GetValue<string>() : v.ToJsonString();
+                if (t is not ("all-linear" or "all")) Fail("target_modules", $"expected a list of projections or \"all-linear\", got '{t}'");
+                targets.AddRange(LlamaTargetOrder);
+                break;
+            case null when recipe:
+                targets.AddRange(defaults.TargetModules);
                 break;
             case null:
                 Fail("target_modules", "is missing");
@@ -337,12 +362,12 @@ public sealed record MixLoraConfig
                 Fail("target_modules", "must be a list of module names or an object name → bool");
                 break;
         }
-        targets = targets.Select(t => LegacyProjectionNames.GetValueOrDefault(t, t)).ToList();
+        if (!recipe) targets = targets.Select(t => LegacyProjectionNames.GetValueOrDefault(t, t)).ToList();
 
         // strategy-specific keys given for another strategy are a mistake, not something to ignore silently
         void OnlyFor(string key, string forStrategy)
         {
-            if (obj.ContainsKey(key) && strategy != forStrategy && RoutingStrategies.Contains(strategy))
+            if (!recipe && obj.ContainsKey(key) && strategy != forStrategy && RoutingStrategies.Contains(strategy))
                 Fail(key, $"applies to routing_strategy \"{forStrategy}\" only, but routing_strategy is \"{strategy}\"");
         }
         OnlyFor("top_k", TopKStrategy);
@@ -361,8 +386,15 @@ public sealed record MixLoraConfig
             if (eo["use_dora"] is JsonNode ed && Bool(ed, "expert_lora.use_dora", source))
                 Fail("expert_lora.use_dora", "DoRA (MixDoRA) is not implemented; supported: false");
             if (Str(eo, "bias", source) is { } eb && eb != "none") Fail("expert_lora.bias", $"'{eb}' is not supported; supported: \"none\"");
-            // MoE-PEFT: a copy of the top-level config updated with the block
-            expert = new ExpertLoraConfig
+            // MoE-PEFT: a copy of the top-level config updated with the block; a recipe: ExpertLoraConfig's defaults
+            var xd = new ExpertLoraConfig();
+            expert = recipe ? new ExpertLoraConfig
+            {
+                R = Int(eo, "r", source, "expert_lora.") ?? xd.R,
+                LoraAlpha = Int(eo, "lora_alpha", source, "expert_lora.") ?? xd.LoraAlpha,
+                LoraDropout = Num(eo, "lora_dropout", source, "expert_lora.") ?? xd.LoraDropout,
+                UseRsLora = eo["use_rslora"] is JsonNode xrs ? Bool(xrs, "expert_lora.use_rslora", source) : xd.UseRsLora,
+            } : new ExpertLoraConfig
             {
                 R = Int(eo, "r", source, "expert_lora.") ?? RequiredInt(obj, "r", source),
                 LoraAlpha = Int(eo, "lora_alpha", source, "expert_lora.") ?? RequiredInt(obj, "lora_alpha", source),
@@ -373,15 +405,15 @@ public sealed record MixLoraConfig
 
         var cfg = new MixLoraConfig
         {
-            R = RequiredInt(obj, "r", source),
-            LoraAlpha = RequiredInt(obj, "lora_alpha", source),
-            LoraDropout = Num(obj, "lora_dropout", source) ?? throw new AdapterConfigException(source, "lora_dropout", "is missing"),
+            R = TopInt("r", defaults.R),
+            LoraAlpha = TopInt("lora_alpha", defaults.LoraAlpha),
+            LoraDropout = Num(obj, "lora_dropout", source) ?? (recipe ? defaults.LoraDropout : throw new AdapterConfigException(source, "lora_dropout", "is missing")),
             TargetModules = targets,
             UseRsLora = obj["use_rslora"] is JsonNode rs && Bool(rs, "use_rslora", source),
             LoraInit = Str(obj, "lora_init", source) ?? "original",
             ExpertLora = expert,
             RoutingStrategy = strategy,
-            NumExperts = RequiredInt(obj, "num_experts", source),
+            NumExperts = TopInt("num_experts", defaults.NumExperts),
             TopK = Int(obj, "top_k", source) ?? 2,
             TopP = Num(obj, "top_p", source) ?? 0.8,
             Temperature = Num(obj, "temperature", source) ?? 0.0,
