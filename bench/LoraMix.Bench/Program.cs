@@ -13,10 +13,14 @@ using static TorchSharp.torch;
 //                                                     MixLoRA (sparse, dense) vs LoRA: training step per token, decode tokens/s
 //   dotnet run -c Release --project bench/LoraMix.Bench -- router-attack [--quick] [--json PATH]
 //                                                     router attack success under free / privileged routing (issue 6)
+//   dotnet run -c Release --project bench/LoraMix.Bench -- mixed [--quick] [--json PATH]
+//                                                     8 LoRA adapters, batch 8 decode with 1/2/4/8 different adapters per batch vs
+//                                                     one adapter, base model, and the 8 adapters one after another at batch 1 (issue 14)
 bool quick = args.Contains("--quick");
 bool trainMode = args.Contains("train");
 bool mixMode = args.Contains("mixlora");
 bool attackMode = args.Contains("router-attack");
+bool mixedMode = args.Contains("mixed");
 int jsonAt = Array.IndexOf(args, "--json");
 string? jsonPath = jsonAt >= 0 && jsonAt + 1 < args.Length ? args[jsonAt + 1] : null;
 if (jsonAt >= 0 && jsonPath is null) { Console.Error.WriteLine("--json needs a file path"); return; }
@@ -70,6 +74,11 @@ Console.WriteLine($"measured fp32 matmul peak: {peak:F1} GFLOP/s");
 if (mixMode)
 {
     LoraMix.Bench.MixLoraBench.Run(peak, quick, jsonPath);
+    return;
+}
+if (mixedMode)
+{
+    LoraMix.Bench.MixedAdaptersBench.Run(peak, quick, jsonPath);
     return;
 }
 if (trainMode)
