@@ -102,12 +102,19 @@ public sealed class AdaptedLinear : LinearSlot
                 result = result + use.Scale(delta.call(x));
             else
             {
+                // Punica-style segment: this adapter's rows gathered, its two matmuls once over them, added back with
+                // the scale (and a common weight) folded into index_add's alpha
                 if (x.shape[0] != adapters.Batch)
                     throw new InvalidOperationException($"adapted layer: input has {x.shape[0]} rows but the adapter selection has {adapters.Batch}");
-                var rows = use.Scale(delta.call(x.index_select(0, use.Index!)));
-                result = result.index_add(0, use.Index!, rows.to(result.dtype), 1.0);
+                var rows = delta.Unscaled(x.index_select(0, use.Index!));
+                double alpha = delta.Scale;
+                if (use.UniformWeight is double w) alpha *= w;
+                else rows = use.Scale(rows);
+                if (rows.dtype != result.dtype) rows = rows.to(result.dtype);
+                if (!result.requires_grad) result.index_add_(0, use.Index!, rows, alpha);   // our own fresh tensor, no graph
+                else result = result.index_add(0, use.Index!, rows, alpha);
             }
         }
-        return result is null ? y : result.MoveToOuterDisposeScope();
+        return result is null || ReferenceEquals(result, y) ? y : result.MoveToOuterDisposeScope();
     }
 }

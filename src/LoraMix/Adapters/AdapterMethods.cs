@@ -73,8 +73,8 @@ public interface IAdapterMethod
     /// <summary>Reads <c>adapter_config.json</c> of an adapter directory.</summary>
     object LoadConfig(string directory);
 
-    /// <summary>Loads the adapter directory onto <paramref name="model"/> under <paramref name="adapterName"/> and activates
-    /// it; returns its config.</summary>
+    /// <summary>Loads the adapter directory onto <paramref name="model"/> under <paramref name="adapterName"/> (forward calls
+    /// then select it by name, <see cref="AdapterSelection"/>); returns its config.</summary>
     object Load(LlamaForCausalLM model, string directory, string adapterName = "default");
 
     /// <summary>Writes the adapter <paramref name="adapterName"/> with <paramref name="config"/> to <paramref name="directory"/>.</summary>

@@ -28,7 +28,9 @@ public sealed class LoraDelta : nn.Module<Tensor, Tensor>
         // kaiming_uniform_(a=√5) on [r, in]: bound = gain·√(3/fan_in) with gain = √(2/(1+5)) → bound = 1/√in
         double bound = 1.0 / Math.Sqrt(inFeatures);
         using (no_grad()) a.uniform_(-bound, bound, generator);
-        _a = new Parameter(a.to(dtype, device ?? CPU));
+        var converted = a.to(dtype, device ?? CPU);
+        if (!ReferenceEquals(converted, a)) a.Dispose();   // the fp32 draw is not kept: the adapter frees all it made
+        _a = new Parameter(converted);
         _b = new Parameter(zeros(outFeatures, rank, dtype: dtype, device: device));
         RegisterComponents();
     }
@@ -48,8 +50,15 @@ public sealed class LoraDelta : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         using var scope = NewDisposeScope();
+        return (Unscaled(x) * Scale).MoveToOuterDisposeScope();
+    }
+
+    /// <summary><c>dropout(x)·Aᵀ·Bᵀ</c>, the update before <see cref="Scale"/> (for callers that fold the scale into a
+    /// fused add, e.g. <c>index_add</c>'s alpha); dropout only in training mode.</summary>
+    public Tensor Unscaled(Tensor x)
+    {
         var h = DropoutP > 0 && training ? nn.functional.dropout(x, DropoutP, true) : x;
-        return (nn.functional.linear(nn.functional.linear(h, _a), _b) * Scale).MoveToOuterDisposeScope();
+        return nn.functional.linear(nn.functional.linear(h, _a), _b);
     }
 
     /// <summary>The dense update <c>scale·B·A</c> [out, in] (for merging).</summary>

@@ -70,9 +70,13 @@ public sealed class ChatEngine : IDisposable
 
     private readonly Dictionary<string, LoadedAdapter> _loaded = new(StringComparer.Ordinal);
 
-    /// <summary>An adapter the engine loaded: its name, directory, method and (MixLoRA) config and whether that config
-    /// sets <c>router_policy</c>.</summary>
-    public sealed record LoadedAdapter(string Name, string Directory, AdapterKind Kind, MixLoraConfig? MixLora, bool PolicyKeyPresent);
+    /// <summary>An adapter the engine loaded: its name, directory, method (from the registry), config, and for a
+    /// MixLoRA adapter its config and whether that config sets <c>router_policy</c>.</summary>
+    public sealed record LoadedAdapter(string Name, string Directory, IAdapterMethod Method, object Config, bool PolicyKeyPresent)
+    {
+        /// <summary>The MixLoRA config, or null for another method.</summary>
+        public MixLoraConfig? MixLora => Config as MixLoraConfig;
+    }
 
     private ChatEngine(LlamaForCausalLM model, TextTokenizer? tokenizer, ChatTemplate? template, string modelDirectory,
         IRouterPolicy? policyOverride)
@@ -157,8 +161,7 @@ public sealed class ChatEngine : IDisposable
             lock (_loaded)
                 if (!_loaded.Remove(name, out adapter!))
                     throw new ArgumentException($"no adapter named '{name}' is loaded; loaded: {string.Join(", ", _loaded.Keys)}", nameof(name));
-            if (adapter.Kind == AdapterKind.MixLora) MixLoraAdapters.Remove(Model, name);
-            else LoraAdapters.Remove(Model, name);
+            adapter.Method.Remove(Model, name);
             if (DefaultAdapters.Terms.Any(t => t.Name == name)) DefaultAdapters = AdapterChoice.Base;
         }
         finally { _modelThread.Release(); }
@@ -179,19 +182,11 @@ public sealed class ChatEngine : IDisposable
         lock (_loaded)
             if (_loaded.ContainsKey(name) || Model.Adapters.ContainsKey(name))
                 throw new ArgumentException($"an adapter named '{name}' is already loaded; unload it first or choose another name", nameof(name));
-        var kind = AdapterDirectory.Detect(path);
-        LoadedAdapter loaded;
-        if (kind == AdapterKind.MixLora)
-        {
-            var config = MixLoraAdapters.Load(Model, path, name);
-            bool policyKey = AdapterFiles.ReadConfigObject(Path.Combine(path, MixLoraAdapters.ConfigFileName), "MixLoRA").ContainsKey("router_policy");
-            loaded = new LoadedAdapter(name, path, kind, config, policyKey);
-        }
-        else
-        {
-            LoraAdapters.Load(Model, path, name);
-            loaded = new LoadedAdapter(name, path, kind, null, false);
-        }
+        var method = AdapterMethods.Detect(path);
+        var config = method.Load(Model, path, name);
+        bool policyKey = config is MixLoraConfig
+            && AdapterFiles.ReadConfigObject(Path.Combine(path, MixLoraAdapters.ConfigFileName), method.DisplayName).ContainsKey("router_policy");
+        var loaded = new LoadedAdapter(name, path, method, config, policyKey);
         lock (_loaded) _loaded[name] = loaded;
         return loaded;
     }
@@ -287,7 +282,7 @@ public sealed class ChatEngine : IDisposable
         }
         if (named.GroupBy(n => n.Key).FirstOrDefault(g => g.Count() > 1) is { } dup)
             throw new LoraMixException($"adapter name '{dup.Key}' is given twice; give each adapter its own name");
-        var adapters = named.Select(n => (n.Key, n.Value, AdapterDirectory.Detect(n.Value))).ToList();
+        var adapters = named.Select(n => (n.Key, n.Value, AdapterMethods.Detect(n.Value))).ToList();
         var kinds = adapters.ToDictionary(a => a.Key, a => a.Item3);
         if (options.Use is { } use)
             foreach (var t in use.Terms)
@@ -297,11 +292,11 @@ public sealed class ChatEngine : IDisposable
         {
             0 => AdapterChoice.Base,
             1 => AdapterChoice.Of(named[0].Key),
-            _ when kinds.Values.All(k => k == AdapterKind.Lora) => AdapterChoice.Compose(named.Select(n => n.Key)),
+            _ when kinds.Values.All(k => k == AdapterMethods.Lora) => AdapterChoice.Compose(named.Select(n => n.Key)),
             _ => throw new LoraMixException($"{named.Count} adapters are loaded and one is MixLoRA: say which to run with --use NAME " +
                                             $"(loaded: {string.Join(", ", named.Select(n => $"{n.Key}={n.Value}"))})"),
         });
-        var mixInUse = choice.Terms.Where(t => kinds[t.Name] == AdapterKind.MixLora).ToList();
+        var mixInUse = choice.Terms.Where(t => kinds[t.Name] == AdapterMethods.MixLora).ToList();
         if (mixInUse.Count > 1)
             throw new LoraMixException($"--use composes two MixLoRA adapters ({string.Join(", ", mixInUse.Select(t => t.Name))}); a row runs one mixture of experts at most");
         (string, string)? mixLora = null;
@@ -313,7 +308,7 @@ public sealed class ChatEngine : IDisposable
     /// <param name="Adapters">Name, directory and kind of every adapter, in load order.</param>
     /// <param name="Use">What calls run by default.</param>
     /// <param name="MixLoraInUse">The MixLoRA adapter <paramref name="Use"/> runs (name, directory), or null.</param>
-    public sealed record AdapterPlan(IReadOnlyList<(string Name, string Directory, AdapterKind Kind)> Adapters, AdapterChoice Use,
+    public sealed record AdapterPlan(IReadOnlyList<(string Name, string Directory, IAdapterMethod Method)> Adapters, AdapterChoice Use,
         (string Name, string Directory)? MixLoraInUse);
 
     /// <summary>True when <paramref name="directory"/> holds tokenizer.json or tokenizer.model.</summary>

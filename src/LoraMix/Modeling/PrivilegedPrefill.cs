@@ -44,10 +44,13 @@ internal static class PrivilegedPrefill
             state = s;
         }
         var (label, real) = PrivilegedRoutingState.HostLabels(labels, attentionMask, b, t);
+        // a batch may mix adapters: only rows that route through a freezing policy are split
+        var privilegedRow = Enumerable.Range(0, (int)b)
+            .Select(r => adapters?.Uniform is not null || model.RoutesPrivileged(routing, adapters?.Select([r]))).ToArray();
         var prefixes = new List<Prefix>();
         for (int row = 0; row < b; row++)
         {
-            if (state is not null && state.IsFrozen(row)) continue;
+            if (!privilegedRow[row] || (state is not null && state.IsFrozen(row))) continue;
             var positions = new List<long>();
             for (long i = 0; i < t; i++)
             {
@@ -104,7 +107,8 @@ internal static class PrivilegedPrefill
                     sub.SetPrivileges([prefix.Positions.Select(i => (Privilege)plan.Labels[row * t + i]).ToArray()]);
                     var x = emb.narrow(0, row, 1).index_select(1, tensor(prefix.Positions, device: device));
                     var hidden = model.ForwardCore(x, single, null, sub, adapters?.Select([row]));
-                    state.MergeRow(row, (PrivilegedRoutingState)sub.PolicyState!);
+                    state.MergeRow(row, sub.PolicyState as PrivilegedRoutingState
+                        ?? throw new InvalidOperationException($"privileged prefill: row {row}'s own pass left no privileged routing state"));
                     if (routing.Trace is not null) routing.Trace.AbsorbRow(sub.Trace!, row);
                     prefixRuns.Add((prefix, single, start, hidden, sub.Collector?.Take()));
                     foreach (long i in prefix.Positions) inPrefix[row * t + i] = true;

@@ -6,7 +6,7 @@ namespace LoraMix.Adapters.Lora;
 /// <summary>Hugging Face PEFT LoRA as an <see cref="IAdapterMethod"/> (registered in <see cref="AdapterMethods"/>).</summary>
 public sealed class LoraMethod : IAdapterMethod
 {
-    public string Name => "lora";
+    public string Name => LoraAdapters.MethodName;
     public string PeftType => LoraConfig.PeftType;
     public string DisplayName => "LoRA";
     public string OutputDescription => "PEFT LoRA: adapter_config.json + adapter_model.safetensors";

@@ -6,7 +6,7 @@ namespace LoraMix.Adapters.MixLora;
 /// <summary>MoE-PEFT MixLoRA as an <see cref="IAdapterMethod"/> (registered in <see cref="AdapterMethods"/>).</summary>
 public sealed class MixLoraMethod : IAdapterMethod
 {
-    public string Name => "mixlora";
+    public string Name => MixLoraAdapters.MethodName;
     public string PeftType => MixLoraConfig.PeftType;
     public string DisplayName => "MixLoRA";
     public string OutputDescription => "MoE-PEFT MixLoRA: adapter_config.json + adapter_model.bin + adapter_model.safetensors";
