@@ -200,14 +200,15 @@ internal static class MixLoraBench
         return clock.Elapsed.Zip(clock.Elapsed.Skip(1), (a, b) => b - a).ToList();
     }
 
-    private static double Time(Action run)
+    /// <summary>Wall time of one run, seconds (shared by the bench modes).</summary>
+    internal static double Time(Action run)
     {
         var sw = Stopwatch.StartNew();
         run();
         return sw.Elapsed.TotalSeconds;
     }
 
-    private static double Median(IReadOnlyList<double> xs)
+    internal static double Median(IReadOnlyList<double> xs)
     {
         var s = xs.OrderBy(x => x).ToArray();
         return s.Length % 2 == 1 ? s[s.Length / 2] : (s[s.Length / 2 - 1] + s[s.Length / 2]) / 2;

@@ -81,14 +81,14 @@ internal static class MixedAdaptersBench
             var order = r % 2 == 0 ? variants : Enumerable.Reverse(variants).ToList();
             foreach (var v in order)
             {
-                shortT[v.Key].Add(Time(() => v.Run(shortOpts)));
-                longT[v.Key].Add(Time(() => v.Run(longOpts)));
+                shortT[v.Key].Add(MixLoraBench.Time(() => v.Run(shortOpts)));
+                longT[v.Key].Add(MixLoraBench.Time(() => v.Run(longOpts)));
             }
         }
 
         // per step: the batch-8 variants produce 8 tokens per step; "sequential" produces 8 tokens (one per adapter) in
         // the sum of its 8 generations' steps, which is what the difference of its totals measures
-        var step = variants.ToDictionary(v => v.Key, v => (Median(longT[v.Key]) - Median(shortT[v.Key])) / newTokens);
+        var step = variants.ToDictionary(v => v.Key, v => (MixLoraBench.Median(longT[v.Key]) - MixLoraBench.Median(shortT[v.Key])) / newTokens);
         double Tps(string key) => Batch / step[key];
         double one = Tps("mixed_1"), seq = Tps("sequential");
 
@@ -141,18 +141,5 @@ internal static class MixedAdaptersBench
             File.WriteAllText(jsonPath, result.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
             Console.WriteLine($"results written to {jsonPath}");
         }
-    }
-
-    private static double Time(Action run)
-    {
-        var sw = Stopwatch.StartNew();
-        run();
-        return sw.Elapsed.TotalSeconds;
-    }
-
-    private static double Median(IReadOnlyList<double> xs)
-    {
-        var s = xs.OrderBy(x => x).ToArray();
-        return s.Length % 2 == 1 ? s[s.Length / 2] : (s[s.Length / 2 - 1] + s[s.Length / 2]) / 2;
     }
 }

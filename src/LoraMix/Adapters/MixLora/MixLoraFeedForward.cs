@@ -118,9 +118,6 @@ public enum MixLoraDispatch
 /// </summary>
 public sealed class MixLoraFeedForward : FeedForwardBlock
 {
-    [ComponentName(Name = "gate_proj")] private LinearSlot _gate;
-    [ComponentName(Name = "up_proj")] private LinearSlot _up;
-    [ComponentName(Name = "down_proj")] private LinearSlot _down;
     [ComponentName(Name = "moe")] private readonly NamedModules<MixLoraMixture> _mixtures = new();
     private readonly LlamaMlp _dense;
     private readonly LlamaConfig _config;
@@ -131,9 +128,8 @@ public sealed class MixLoraFeedForward : FeedForwardBlock
         _dense = dense;
         _config = config;
         Layer = layer;
-        _gate = dense.GetProjection("gate_proj");
-        _up = dense.GetProjection("up_proj");
-        _down = dense.GetProjection("down_proj");
+        // the dense MLP's projections under this block's own names (mlp.gate_proj.weight, ...): shared, not copied
+        foreach (var name in LlamaMlp.ProjectionNames) register_module(name, dense.GetProjection(name));
         RegisterComponents();
     }
 
@@ -155,13 +151,11 @@ public sealed class MixLoraFeedForward : FeedForwardBlock
         _dense.SetProjection(name, module);
         register_module(name, null!);
         register_module(name, module);
-        switch (name)
-        {
-            case "gate_proj": _gate = module; break;
-            case "up_proj": _up = module; break;
-            default: _down = module; break;
-        }
     }
+
+    private LinearSlot Gate => _dense.GetProjection("gate_proj");
+    private LinearSlot Up => _dense.GetProjection("up_proj");
+    private LinearSlot Down => _dense.GetProjection("down_proj");
 
     public bool HasAdapter(string name) => _mixtures.TryGet(name, out _);
 
@@ -173,7 +167,7 @@ public sealed class MixLoraFeedForward : FeedForwardBlock
     {
         if (string.IsNullOrEmpty(name) || name.Contains('.')) throw new ArgumentException($"adapter name '{name}' must be non-empty and contain no '.'");
         if (HasAdapter(name)) throw new ArgumentException($"MixLoRA adapter '{name}' already exists on layer {Layer}");
-        var weight = _gate.Weight;
+        var weight = Gate.Weight;
         var mixture = new MixLoraMixture(_config, config, weight.device, AdapterDType(weight.dtype), generator);
         _mixtures.Add(name, mixture);
         return mixture;
@@ -266,9 +260,9 @@ public sealed class MixLoraFeedForward : FeedForwardBlock
         routing?.Record(Layer, decision.Logits ?? step.Logits, decision, ctx.TokenMask, ctx.Rows, name);
 
         // the frozen gate and up projections, once for all tokens (with the LoRA updates of the rows' other adapters)
-        var gateBase = _gate.call(xs.view(b, t, h), ctx).reshape(b * t, -1);
-        var upBase = _up.call(xs.view(b, t, h), ctx).reshape(b * t, -1);
-        if (ctx.Adapters is { } adapters && _down is AdaptedLinear downAdapted
+        var gateBase = Gate.call(xs.view(b, t, h), ctx).reshape(b * t, -1);
+        var upBase = Up.call(xs.view(b, t, h), ctx).reshape(b * t, -1);
+        if (ctx.Adapters is { } adapters && Down is AdaptedLinear downAdapted
             && adapters.Uses.FirstOrDefault(u => downAdapted.HasAdapter(u.Name) && !downAdapted.IsMerged(u.Name)) is { } clash)
             throw new NotSupportedException($"layer {Layer}: adapter '{clash.Name}' adapts mlp.down_proj and is composed with MixLoRA adapter " +
                                             $"'{name}' in the same row; run them in separate rows, or merge '{clash.Name}' first");
@@ -359,7 +353,7 @@ public sealed class MixLoraFeedForward : FeedForwardBlock
     private Tensor ExpertOutputs(MixLoraMixture mixture, Tensor gate, Tensor up, int[] segments, long[] sizes)
     {
         var hidden = mixture.Activation(gate) * up;
-        var y = _down.call(hidden, null);   // expert rows are gathered tokens, not batch rows: the base map alone
+        var y = Down.call(hidden, null);   // expert rows are gathered tokens, not batch rows: the base map alone
         if (mixture.ExpertList[0].Get("down_proj") is null) return y;
         var hParts = hidden.to(mixture.RouterWeight.dtype).split(sizes);
         return AddDeltas(y, mixture, "down_proj", segments.Select((e, i) => (e, hParts[i])).ToList());
