@@ -6,6 +6,7 @@ using LoraMix.Data;
 using LoraMix.Evaluation;
 using LoraMix.Modeling;
 using LoraMix.Training;
+using LoraMix.Workflows;
 
 namespace LoraMix.Cli;
 

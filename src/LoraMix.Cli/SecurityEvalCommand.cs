@@ -5,6 +5,7 @@ using LoraMix.Configuration;
 using LoraMix.Evaluation;
 using LoraMix.Modeling;
 using LoraMix.Training;
+using LoraMix.Workflows;
 
 namespace LoraMix.Cli;
 

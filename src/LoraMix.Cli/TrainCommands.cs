@@ -12,6 +12,7 @@ using LoraMix.Modeling;
 using LoraMix.Tokenization;
 using LoraMix.Torch;
 using LoraMix.Training;
+using LoraMix.Workflows;
 
 namespace LoraMix.Cli;
 

@@ -2,7 +2,6 @@ using System.Globalization;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using YamlDotNet.Core;
-using LoraMix.Data;
 using YamlDotNet.Core.Events;
 
 namespace LoraMix.Configuration;

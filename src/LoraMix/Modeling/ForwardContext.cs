@@ -8,7 +8,7 @@ namespace LoraMix.Modeling;
 /// (or the causal flag), the KV cache and its write position. One object travels through every layer, so later
 /// features (routing policies, privilege labels, traces) extend it rather than every forward signature.
 /// </summary>
-public sealed class ForwardContext
+public sealed class ForwardContext : IRouterStepContext
 {
     /// <summary>cos table [B, 1, T, D] in the compute dtype.</summary>
     public required Tensor Cos { get; init; }

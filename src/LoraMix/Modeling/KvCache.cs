@@ -1,3 +1,4 @@
+using LoraMix.Routing;
 using static TorchSharp.torch;
 
 namespace LoraMix.Modeling;
@@ -7,7 +8,7 @@ namespace LoraMix.Modeling;
 /// place (no per-step concatenation). It also remembers which slots hold real tokens (left padding) and each row's
 /// next rotary position, so that incremental decoding continues exactly where the prefix stopped.
 /// </summary>
-public sealed class KvCache : IDisposable
+public sealed class KvCache : IRoutedSequenceCache, IDisposable
 {
     private readonly Tensor[] _keys;
     private readonly Tensor[] _values;

@@ -1,4 +1,3 @@
-using LoraMix.Adapters;
 using TorchSharp;
 using TorchSharp.Utils;
 using TorchSharp.Modules;

@@ -1,5 +1,3 @@
-using LoraMix.Modeling;
-using LoraMix.Tokenization;
 using static TorchSharp.torch;
 
 namespace LoraMix.Routing;
@@ -133,7 +131,7 @@ public sealed class PrivilegedRoutingState : IDisposable
     private readonly long[] _firstUntrusted;   // position among real tokens, or -1
     private readonly Dictionary<(string Adapter, int Layer), LayerSnapshot> _layers = [];
     private StepFrame? _frame;
-    private KvCache? _cache;                   // the cache this state's sequence lives in (null: cache-free calls)
+    private IRoutedSequenceCache? _cache;                   // the cache this state's sequence lives in (null: cache-free calls)
     private long _nextSlot;                    // the cache slot its next call must start at
 
     private PrivilegedRoutingState(long batch)
@@ -346,7 +344,7 @@ public sealed class PrivilegedRoutingState : IDisposable
 
     /// <summary>A batch-1 copy of row <paramref name="row"/> (counters and every layer's snapshot row), continuing in
     /// <paramref name="cache"/> at its current length.</summary>
-    internal PrivilegedRoutingState ExtractRow(int row, KvCache cache)
+    internal PrivilegedRoutingState ExtractRow(int row, IRoutedSequenceCache cache)
     {
         var copy = new PrivilegedRoutingState(1);
         copy._frozen[0] = _frozen[row];
@@ -383,7 +381,7 @@ public sealed class PrivilegedRoutingState : IDisposable
 
     /// <summary>Throws unless this state's sequence is the one in <paramref name="cache"/> and its last call ended at
     /// <paramref name="slot"/>: a cache written without this state (another context) could hold untrusted tokens it never saw.</summary>
-    internal void CheckContinues(KvCache? cache, long slot)
+    internal void CheckContinues(IRoutedSequenceCache? cache, long slot)
     {
         if (!ReferenceEquals(_cache, cache) || _nextSlot != slot)
             throw new InvalidOperationException(
@@ -393,7 +391,7 @@ public sealed class PrivilegedRoutingState : IDisposable
 
     /// <summary>The sequence continues in <paramref name="cache"/> at slot <paramref name="nextSlot"/> (after slots were
     /// written on this state's behalf).</summary>
-    internal void ContinueAt(KvCache? cache, long nextSlot)
+    internal void ContinueAt(IRoutedSequenceCache? cache, long nextSlot)
     {
         _cache = cache;
         _nextSlot = nextSlot;

@@ -1,4 +1,3 @@
-using LoraMix.Modeling;
 using static TorchSharp.torch;
 
 namespace LoraMix.Routing;
@@ -28,10 +27,11 @@ public sealed class RouterStep
     /// <summary>The configured strategy (top-k, top-p, switch): turn any probabilities into a decision.</summary>
     public required IRoutingStrategy Strategy { get; init; }
 
-    /// <summary>The forward context: token mask, cache position, and <see cref="ForwardContext.Routing"/>
-    /// (privilege labels, policy state). When a block routes some rows of the call on their own (a batch that mixes
-    /// adapters), <see cref="ForwardContext.Rows"/> says which rows of the call <see cref="Input"/>'s rows are.</summary>
-    public required ForwardContext Context { get; init; }
+    /// <summary>The forward call being routed (the model's forward context): token mask and
+    /// <see cref="IRouterStepContext.Routing"/> (privilege labels, policy state). When a block routes some rows of the call
+    /// on their own (a batch that mixes adapters), <see cref="IRouterStepContext.Rows"/> says which rows of the call
+    /// <see cref="Input"/>'s rows are.</summary>
+    public required IRouterStepContext Context { get; init; }
 
     /// <summary>The adapter whose router this is (a policy keeps per-adapter state under it), or null.</summary>
     public string? Adapter { get; init; }
@@ -56,6 +56,33 @@ public sealed class RouterStep
 }
 
 /// <summary>
+/// What a router policy reads of the forward call it routes (the model's forward context implements it, so routing
+/// needs nothing of the model).
+/// </summary>
+public interface IRouterStepContext
+{
+    /// <summary>Real-token mask <c>[B, T]</c> (bool, true = real token) of this step, or null when nothing is padded.</summary>
+    Tensor? TokenMask { get; }
+
+    /// <summary>The rows of the call's batch this step covers, or null for all of them (a block that routes a sub-batch
+    /// on its own; policies map their per-row state with it).</summary>
+    int[]? Rows { get; }
+
+    /// <summary>The one routing context of the forward call (policy, privilege labels, policy state), or null.</summary>
+    RoutingContext? Routing { get; }
+}
+
+/// <summary>
+/// A sequence store whose calls a routing policy must follow (the model's KV cache implements it): a policy that keeps
+/// per-sequence state checks by identity that a call continues the cache its state was filled with, at its length.
+/// </summary>
+public interface IRoutedSequenceCache
+{
+    /// <summary>Slots written so far (the next call's first slot).</summary>
+    long Length { get; }
+}
+
+/// <summary>
 /// Decides the experts and weights of every token of a step. The free policy applies the strategy to each token's own
 /// probabilities; <see cref="PrivilegedRouterPolicy"/> freezes routing from the first untrusted token on, keeping its
 /// snapshot in <see cref="RoutingContext.PolicyState"/>. Policies see every layer through <see cref="RouterStep.Layer"/>.
@@ -67,7 +94,7 @@ public interface IRouterPolicy
 
     /// <summary>True when the policy freezes routing from a row's first untrusted token on. The model then runs a row's
     /// privileged tokens that precede the freeze in the same call on their own, so that the frozen decision cannot depend
-    /// on what follows or on other rows (see <see cref="Modeling.LlamaForCausalLM.ForwardEmbeddings"/>). A policy that
+    /// on what follows or on other rows (see <c>LlamaForCausalLM.ForwardEmbeddings</c>). A policy that
     /// wraps another forwards it.</summary>
     bool FreezesOnUntrusted => false;
 

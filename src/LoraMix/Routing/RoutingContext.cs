@@ -1,11 +1,9 @@
-using LoraMix.Modeling;
-using LoraMix.Tokenization;
 using static TorchSharp.torch;
 
 namespace LoraMix.Routing;
 
 /// <summary>
-/// The one routing context that travels with a forward call (through <see cref="Modeling.ForwardContext.Routing"/>):
+/// The one routing context that travels with a forward call (through <see cref="IRouterStepContext.Routing"/> of the model's forward context):
 /// the router policy, per-token privilege labels, a collector of router logits for the auxiliary losses, and a routing
 /// trace. Keep one context per sequence (or batch) for the life of its KV cache: a policy's state (e.g. a routing
 /// snapshot for frozen routing) lives in <see cref="PolicyState"/> across decoding steps. A forward call that starts a
@@ -107,12 +105,12 @@ public sealed class RoutingContext : IDisposable
     public bool IsContinuation { get; private set; }
 
     /// <summary>The KV cache of the current forward call (null: cache-free) and the first slot of its tokens.</summary>
-    public KvCache? CurrentCache { get; private set; }
+    public IRoutedSequenceCache? CurrentCache { get; private set; }
     public long CurrentStart { get; private set; }
 
     /// <summary>Called by the model at the start of every forward call. <paramref name="continuation"/> is true when the
     /// call continues a sequence held in a KV cache; otherwise the policy state is reset (a new sequence).</summary>
-    public void BeginForward(long batch, long length, Tensor? tokenMask, bool continuation = false, KvCache? cache = null, long start = 0)
+    public void BeginForward(long batch, long length, Tensor? tokenMask, bool continuation = false, IRoutedSequenceCache? cache = null, long start = 0)
     {
         if (!continuation) ResetPolicyState();
         IsContinuation = continuation;

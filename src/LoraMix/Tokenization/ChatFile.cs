@@ -1,5 +1,4 @@
 using System.Text.Json;
-using LoraMix.Data;
 
 namespace LoraMix.Tokenization;
 

@@ -1,4 +1,3 @@
-using LoraMix.Data;
 
 namespace LoraMix.Tokenization;
 
@@ -33,19 +32,10 @@ public sealed record ChatMessage(ChatRole Role, string Content)
     /// <exception cref="UnknownChatRoleException">The role name is unknown.</exception>
     public static ChatMessage Create(string role, string content) => new(ChatRoles.Parse(role), content);
 
-    /// <summary>Converts <c>(role, content)</c> pairs, e.g. <see cref="TaskExample.ToChat"/>'s.</summary>
+    /// <summary>Converts <c>(role, content)</c> pairs, e.g. <c>TaskExample.ToChat</c>'s.</summary>
     /// <exception cref="UnknownChatRoleException">A role name is unknown.</exception>
     public static IReadOnlyList<ChatMessage> FromPairs(IEnumerable<(string Role, string Content)> messages) =>
         messages.Select(m => Create(m.Role, m.Content)).ToArray();
 
     public override string ToString() => $"{Role.ToName()}: {Content}";
-}
-
-/// <summary>Conversions from the task world's chats.</summary>
-public static class TaskExampleChatExtensions
-{
-    /// <summary><see cref="TaskExample.ToChat"/> as <see cref="ChatMessage"/>s (instruction, data, then the answer when
-    /// <paramref name="includeAnswer"/>).</summary>
-    public static IReadOnlyList<ChatMessage> ToChatMessages(this TaskExample example, bool includeAnswer = true) =>
-        ChatMessage.FromPairs(example.ToChat(includeAnswer));
 }

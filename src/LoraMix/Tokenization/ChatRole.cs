@@ -22,34 +22,14 @@ public enum ChatRole
     [JsonStringEnumMemberName("data")] Data,
 }
 
-/// <summary>
-/// The privilege of one token. The numbers compare like the privileges:
-/// <c>Untrusted &lt; Assistant &lt; User &lt; System</c>. JSON / CLI names are lowercase.
-/// </summary>
-[JsonConverter(typeof(JsonStringEnumConverter<Privilege>))]
-public enum Privilege : byte
-{
-    /// <summary>Tool results and data: may never steer the router.</summary>
-    [JsonStringEnumMemberName("untrusted")] Untrusted = 0,
-
-    /// <summary>The model's own earlier turns.</summary>
-    [JsonStringEnumMemberName("assistant")] Assistant = 1,
-
-    /// <summary>The user's text.</summary>
-    [JsonStringEnumMemberName("user")] User = 2,
-
-    /// <summary>The developer's system message and all renderer-owned template tokens.</summary>
-    [JsonStringEnumMemberName("system")] System = 3,
-}
-
-/// <summary>Names and conversions of <see cref="ChatRole"/> and <see cref="Privilege"/>.</summary>
+/// <summary>Names and conversions of <see cref="ChatRole"/> (a privilege's own names: <see cref="Privileges"/>).</summary>
 public static class ChatRoles
 {
     /// <summary>The role names a chat file may use, in order.</summary>
     public static IReadOnlyList<string> Names { get; } = ["system", "user", "assistant", "tool", "data"];
 
-    /// <summary>The privilege names, lowest first.</summary>
-    public static IReadOnlyList<string> PrivilegeNames { get; } = ["untrusted", "assistant", "user", "system"];
+    /// <summary>The privilege names, lowest first (<see cref="Privileges.Names"/>).</summary>
+    public static IReadOnlyList<string> PrivilegeNames => Privileges.Names;
 
     /// <summary>The lowercase name of a role (<c>"tool"</c>).</summary>
     public static string ToName(this ChatRole role) => role switch
@@ -60,16 +40,6 @@ public static class ChatRoles
         ChatRole.Tool => "tool",
         ChatRole.Data => "data",
         _ => throw new ArgumentOutOfRangeException(nameof(role), role, null),
-    };
-
-    /// <summary>The lowercase name of a privilege (<c>"untrusted"</c>).</summary>
-    public static string ToName(this Privilege privilege) => privilege switch
-    {
-        Privilege.Untrusted => "untrusted",
-        Privilege.Assistant => "assistant",
-        Privilege.User => "user",
-        Privilege.System => "system",
-        _ => throw new ArgumentOutOfRangeException(nameof(privilege), privilege, null),
     };
 
     /// <summary>The privilege of a role's content tokens: tool and data are <see cref="Privilege.Untrusted"/>.</summary>
@@ -104,14 +74,6 @@ public static class ChatRoles
         }
     }
 
-    /// <summary>Parses a privilege name (<c>untrusted|assistant|user|system</c>).</summary>
-    public static Privilege ParsePrivilege(string name) => name switch
-    {
-        "untrusted" => Privilege.Untrusted,
-        "assistant" => Privilege.Assistant,
-        "user" => Privilege.User,
-        "system" => Privilege.System,
-        _ => throw new LoraMixException(
-            $"unknown privilege '{name}': expected one of {string.Join(", ", PrivilegeNames)}"),
-    };
+    /// <summary>Parses a privilege name (<c>untrusted|assistant|user|system</c>; <see cref="Privileges.Parse"/>).</summary>
+    public static Privilege ParsePrivilege(string name) => Privileges.Parse(name);
 }

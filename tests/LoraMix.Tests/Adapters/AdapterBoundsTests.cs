@@ -6,6 +6,7 @@ using LoraMix.Configuration;
 using LoraMix.Modeling;
 using LoraMix.Tests.Modeling;
 using LoraMix.Training;
+using LoraMix.Workflows;
 
 namespace LoraMix.Tests.Adapters;
 

@@ -4,6 +4,7 @@ using LoraMix.Adapters.Lora;
 using LoraMix.Adapters.MixLora;
 using LoraMix.Configuration;
 using LoraMix.Training;
+using LoraMix.Workflows;
 
 namespace LoraMix.Tests.Adapters;
 

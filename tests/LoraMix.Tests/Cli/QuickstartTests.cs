@@ -64,7 +64,7 @@ public sealed class QuickstartTests : IDisposable
         Assert.True(File.Exists(o["loss_plot"]!.GetValue<string>()));
 
         // before and after are the fractions an independent scoring of the same test records gives
-        var records = new LoraMix.Training.QuickstartOptions { ModelDir = model, Method = "lora", EvalExamples = 6 }.EvalSource.Records();
+        var records = new LoraMix.Workflows.QuickstartOptions { ModelDir = model, Method = "lora", EvalExamples = 6 }.EvalSource.Records();
         using (var baseEngine = ChatEngine.Load(model))
             Assert.Equal(CountCorrect(baseEngine, records) / 6.0, o["before_exact_match"]!.GetValue<double>(), 4);
         using (var tuned = ChatEngine.Load(model, new EngineOptions { Adapters = [outDir] }))
@@ -227,7 +227,7 @@ public sealed class EmbeddedModelTests
     public void TheModelIsTheRecipesArchitectureWithinTheSizeBudget()
     {
         string dir = EmbeddedModel.Locate();
-        var recipe = LoraMix.Training.TrainingRecipe.Load(RepoFile("examples/pretrain-tiny.yaml"));
+        var recipe = LoraMix.Workflows.TrainingRecipe.Load(RepoFile("examples/pretrain-tiny.yaml"));
         var want = recipe.ModelInit!.Architecture;
         var cfg = LlamaConfig.Load(Path.Combine(dir, "config.json"));
         Assert.Equal((want.HiddenSize, want.IntermediateSize, want.NumHiddenLayers, want.NumAttentionHeads, want.NumKeyValueHeads, want.TieWordEmbeddings),
@@ -251,7 +251,7 @@ public sealed class EmbeddedModelTests
         // the families the report scored (families added to the task world after pretraining are not in it), in task-world order
         var families = TaskWorld.Families.Where(f => recorded.ContainsKey(f)).ToList();
         Assert.Equal(recorded.Count, families.Count);
-        var records = new LoraMix.Training.TaskWorldSource(families, perFamily * families.Count, 20_24, TaskSplit.Test, null).Records();
+        var records = new LoraMix.Workflows.TaskWorldSource(families, perFamily * families.Count, 20_24, TaskSplit.Test, null).Records();
         using var engine = ChatEngine.Load(dir);
         var exact = LoraMix.Evaluation.ExactMatchEvaluator.Evaluate(engine, records, 64);
         foreach (var (family, acc) in exact.AccuracyByFamily)

@@ -6,6 +6,7 @@ using LoraMix.Configuration;
 using LoraMix.Data;
 using LoraMix.Tokenization;
 using LoraMix.Training;
+using LoraMix.Workflows;
 
 namespace LoraMix.Tests.Data;
 

@@ -59,7 +59,7 @@ public sealed class ExpertSpecialisationTests : IDisposable
             MixLoraTestKit.Randomize(m, "default", 4);
             MixLoraAdapters.Save(m, config, adapter);
         }
-        var records = new LoraMix.Training.TaskWorldSource(["last_word", "uppercase"], 6, 1, TaskSplit.Test, null).Records();
+        var records = new LoraMix.Workflows.TaskWorldSource(["last_word", "uppercase"], 6, 1, TaskSplit.Test, null).Records();
         using var engine = ChatEngine.Load(model, new EngineOptions { Adapters = [adapter] });
         var layers = ExpertSpecialisation.Measure(engine, records, config.NumExperts);
 

@@ -5,6 +5,7 @@ using LoraMix.Inference;
 using LoraMix.Tests.Cli;
 using LoraMix.Tests.Training;
 using LoraMix.Tokenization;
+using LoraMix.Workflows;
 
 namespace LoraMix.Tests.Evaluation;
 

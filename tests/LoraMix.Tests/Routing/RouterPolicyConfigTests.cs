@@ -127,7 +127,7 @@ public sealed class RouterKeyStrictnessTests
               {key}:
             """;
         var e = Assert.Throws<LoraMix.Configuration.ConfigFileException>(() =>
-            LoraMix.Training.TrainingRecipe.Parse(LoraMix.Configuration.ConfigDocument.Parse(yaml, "recipe.yaml")));
+            LoraMix.Workflows.TrainingRecipe.Parse(LoraMix.Configuration.ConfigDocument.Parse(yaml, "recipe.yaml")));
         Assert.Contains("adapter." + key, e.Message);
         Assert.Contains("recipe.yaml", e.Message);
     }
@@ -146,7 +146,7 @@ public sealed class RouterKeyStrictnessTests
               {key}: privileged
             """;
         var e = Assert.ThrowsAny<LoraMixException>(() =>
-            LoraMix.Training.TrainingRecipe.Parse(LoraMix.Configuration.ConfigDocument.Parse(yaml, "recipe.yaml")));
+            LoraMix.Workflows.TrainingRecipe.Parse(LoraMix.Configuration.ConfigDocument.Parse(yaml, "recipe.yaml")));
         Assert.Contains(key, e.Message);
     }
 }

@@ -7,6 +7,7 @@ using LoraMix.Routing;
 using LoraMix.Tests.Adapters;
 using LoraMix.Tokenization;
 using LoraMix.Training;
+using LoraMix.Workflows;
 using static TorchSharp.torch;
 
 namespace LoraMix.Tests.Training;

@@ -3,6 +3,7 @@ using LoraMix.Adapters.Lora;
 using LoraMix.Configuration;
 using LoraMix.Tests.Cli;
 using LoraMix.Training;
+using LoraMix.Workflows;
 
 namespace LoraMix.Tests.Training;
 

@@ -1,6 +1,7 @@
 using LoraMix.Configuration;
 using LoraMix.Data;
 using LoraMix.Training;
+using LoraMix.Workflows;
 
 namespace LoraMix.Tests.Training;
 

@@ -5,6 +5,7 @@ using LoraMix.Data;
 using LoraMix.Modeling;
 using LoraMix.Tokenization;
 using LoraMix.Training;
+using LoraMix.Workflows;
 
 namespace LoraMix.Tests.Training;
 

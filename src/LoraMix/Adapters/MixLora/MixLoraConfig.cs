@@ -104,7 +104,7 @@ public sealed record MixLoraConfig
     /// <summary><c>privileged_snapshot</c> (privileged policy only): <c>last</c> (the last privileged token's decision) or
     /// <c>pooled</c> (the strategy on the mean distribution of the privileged tokens).</summary>
     public string PrivilegedSnapshot { get; init; } = LastSnapshot;
-    /// <summary><c>privilege_embedding</c>: also learn an ISE-style <see cref="Adapters.PrivilegeEmbedding"/> (one vector per
+    /// <summary><c>privilege_embedding</c>: also learn an ISE-style <see cref="Modeling.PrivilegeEmbedding"/> (one vector per
     /// privilege level added to the token embeddings), saved with the adapter as <c>mixlora.privilege_embedding.weight</c>
     /// <c>[4, hidden]</c>. Needs privilege labels on every forward step. Independent of <see cref="RouterPolicy"/>.</summary>
     public bool PrivilegeEmbedding { get; init; }

@@ -2,7 +2,7 @@ using System.Buffers;
 using System.Text;
 using System.Text.Json;
 
-namespace LoraMix.Data;
+namespace LoraMix;
 
 /// <summary>
 /// Strict text checks shared by the readers of user files (datasets, chat files, configurations): bytes must be valid

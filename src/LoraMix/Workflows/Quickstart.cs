@@ -7,8 +7,9 @@ using LoraMix.Data;
 using LoraMix.Evaluation;
 using LoraMix.Inference;
 using LoraMix.Torch;
+using LoraMix.Training;
 
-namespace LoraMix.Training;
+namespace LoraMix.Workflows;
 
 /// <summary>What <see cref="Quickstart.Run"/> trains and where it writes. Defaults per method: <c>mixlora</c> (the default) — 4
 /// experts, top-2, r = 16 on all seven projections, 1,500 steps of 16 sequences over the short-answer held-out families at once

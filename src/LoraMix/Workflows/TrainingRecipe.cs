@@ -7,8 +7,9 @@ using LoraMix.Configuration;
 using LoraMix.Data;
 using LoraMix.Modeling;
 using LoraMix.Tokenization;
+using LoraMix.Training;
 
-namespace LoraMix.Training;
+namespace LoraMix.Workflows;
 
 /// <summary>What a recipe trains.</summary>
 public enum RecipeMethod
@@ -136,7 +137,6 @@ public sealed record TrainingRecipe
         // every registered method's keys, in registration order (lora's, then those mixlora adds)
         .. AdapterMethods.All.SelectMany(m => m.RecipeKeys).Select(k => "adapter." + k.Key).Distinct(),
     ];
-
 
     /// <summary>Every key a recipe understands (recipe keys, trainer keys and their synonyms).</summary>
     public static IReadOnlyList<string> AllKeys { get; } =

@@ -10,9 +10,10 @@ using LoraMix.Modeling;
 using LoraMix.Routing;
 using LoraMix.Tokenization;
 using LoraMix.Torch;
+using LoraMix.Training;
 using static TorchSharp.torch;
 
-namespace LoraMix.Training;
+namespace LoraMix.Workflows;
 
 /// <summary>The per-family exact-match of a pre-trained model on the task world's test split (<c>pretrain_report.json</c>).</summary>
 public sealed record PretrainReport(string ModelDir, long Parameters, IReadOnlyList<string> TrainedFamilies, int SamplesPerFamily,

@@ -1,8 +1,8 @@
-using LoraMix.Modeling;
+using LoraMix.Checkpoints;
 using Microsoft.Win32.SafeHandles;
 using static TorchSharp.torch;
 
-namespace LoraMix.Checkpoints;
+namespace LoraMix.Modeling;
 
 /// <summary>The header of a llama2.c legacy (version 0) checkpoint.</summary>
 public sealed record Llama2cHeader(int Dim, int HiddenDim, int Layers, int Heads, int KvHeads, int VocabSize, int SeqLen)

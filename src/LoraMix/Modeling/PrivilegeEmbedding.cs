@@ -1,10 +1,9 @@
-using LoraMix.Tokenization;
 using TorchSharp;
 using TorchSharp.Modules;
 using TorchSharp.Utils;
 using static TorchSharp.torch;
 
-namespace LoraMix.Adapters;
+namespace LoraMix.Modeling;
 
 /// <summary>
 /// A learned privilege embedding (ISE-style, Wu et al. 2024, "Instructional Segment Embedding"): one vector per

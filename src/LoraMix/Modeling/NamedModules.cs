@@ -1,11 +1,11 @@
 using static TorchSharp.torch;
 
-namespace LoraMix.Adapters;
+namespace LoraMix.Modeling;
 
 /// <summary>
 /// Per-adapter child modules, registered under the adapter's name as they are added (TorchSharp's ModuleDict registers
 /// its items only once, at construction), so training mode, parameters() and state_dict() always see them. The one
-/// holder of LoRA deltas (<see cref="AdaptedLinear"/>), MixLoRA mixtures and privilege embeddings.
+/// holder of LoRA deltas (<c>AdaptedLinear</c>), MixLoRA mixtures and privilege embeddings.
 /// </summary>
 internal sealed class NamedModules<T> : nn.Module where T : nn.Module
 {
