@@ -157,6 +157,44 @@ public sealed class MixedBatchPropertyTests(ITestOutputHelper output)
     }
 
     [Fact]
+    public void DegenerateChoicesAndTheStatedLimits()
+    {
+        using var model = BuildModel();
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var row = MakeRow(new Random(9), AdapterChoice.Base);
+        var ids = tensor(row.Ids).unsqueeze(0);
+        Tensor Logits(AdapterSelection? adapters, RoutingContext? routing = null)
+        {
+            using var r = routing ?? new RoutingContext();
+            r.SetPrivileges([row.Labels]);
+            return model.Forward(ids, routing: r, adapters: adapters);
+        }
+        var baseLogits = Logits(null);
+        // the base model three ways, and a LoRA at weight 0, are the base model bit for bit
+        Assert.True(baseLogits.equal(Logits(AdapterSelection.Base)).all().item<bool>());
+        Assert.True(baseLogits.equal(Logits(AdapterSelection.PerRow([AdapterChoice.Base]))).all().item<bool>());
+        Assert.True(baseLogits.equal(Logits(AdapterSelection.Of(AdapterChoice.Compose(new AdapterTerm("l2", 0))))).all().item<bool>());
+        // a one-row per-row selection is the same as one choice for all rows
+        Assert.True(Logits(AdapterSelection.Of("mpriv")).equal(Logits(AdapterSelection.PerRow([AdapterChoice.Of("mpriv")]))).all().item<bool>());
+
+        // the limits stated in docs/ADAPTERS.md fail with a message, before or while the batch runs
+        var two = Assert.Throws<ArgumentException>(() => Logits(AdapterSelection.Of(AdapterChoice.Compose(new AdapterTerm("mfree"), new AdapterTerm("mpriv")))));
+        Assert.Contains("two MixLoRA", two.Message);
+        var weighted = Assert.Throws<ArgumentException>(() => Logits(AdapterSelection.Of(AdapterChoice.Compose(new AdapterTerm("mfree", 0.5)))));
+        Assert.Contains("weight 1", weighted.Message);
+        var down = Assert.Throws<NotSupportedException>(() => Logits(AdapterSelection.Of(AdapterChoice.Compose(new AdapterTerm("l3"), new AdapterTerm("mfree")))));
+        Assert.Contains("down_proj", down.Message);
+        var pair = new[] { row, row with { Choice = AdapterChoice.Of("mfree") } };
+        var (padded, mask) = RoutingTestKit.Pad(pair.Select(r => r.Ids).ToArray());
+        using var collecting = new RoutingContext { Collector = new RouterLogitsCollector() };
+        collecting.SetPrivileges(pair.Select(r => (IReadOnlyList<Privilege>)r.Labels).ToList());
+        var collector = Assert.Throws<NotSupportedException>(() =>
+            model.Forward(padded, attentionMask: mask, routing: collecting, adapters: AdapterSelection.PerRow([AdapterChoice.Of("l1"), AdapterChoice.Of("mfree")])));
+        Assert.Contains("collector", collector.Message);
+    }
+
+    [Fact]
     public void GreedyGenerationOfAMixedBatchEqualsOneAtATime()
     {
         using var model = BuildModel();
