@@ -16,7 +16,8 @@ public sealed class RoutingContext : IDisposable
 {
     private Tensor? _ownedLabels;
 
-    /// <summary>The router policy, or null (default) for the active adapter's configured <c>router_policy</c>.</summary>
+    /// <summary>The router policy for every mixture this call runs, or null (default) for each selected adapter's
+    /// configured <c>router_policy</c>.</summary>
     public IRouterPolicy? Policy { get; init; }
 
     /// <summary>

@@ -106,14 +106,15 @@ public enum MixLoraDispatch
 
 /// <summary>
 /// The MixLoRA feed-forward block: the frozen SwiGLU MLP of a layer shared by a router and LoRA experts
-/// (research/mixlora.md §3). For the active adapter, per token: the router policy (the routing context's, else the
+/// (research/mixlora.md §3). For the rows that select one of its mixtures (<see cref="ForwardContext.Adapters"/>), per token:
+/// the router policy (the routing context's, else the
 /// adapter's <c>router_policy</c>) runs the fp32 router on the block input (the post-attention-norm hidden state) of the
 /// tokens it routes, softmax, strategy selection (top-k renormalised, top-p, or switch); then sparse dispatch — the base
 /// <c>gate</c> and <c>up</c> projections run once for all tokens, the routed (token, slot) pairs are grouped by expert and
 /// gathered once, each expert's LoRA deltas run only on its own rows, the base <c>down</c> projection runs once over all
 /// routed rows, and the results are summed with the routing weights in fp32 (<c>index_add</c>). <see cref="Dispatch"/>
-/// selects the dense variant instead (every expert on every token, for comparison). Jitter and the experts' LoRA dropout act in training mode only. With no active
-/// adapter it is the dense MLP. State-dict keys of the base MLP are unchanged (<c>mlp.gate_proj.weight</c>, ...);
+/// selects the dense variant instead (every expert on every token, for comparison). Jitter and the experts' LoRA dropout act
+/// in training mode only. Rows that select none of its mixtures run the dense MLP. State-dict keys of the base MLP are unchanged (<c>mlp.gate_proj.weight</c>, ...);
 /// adapters live under <c>mlp.moe.&lt;adapter&gt;.*</c>.
 /// </summary>
 public sealed class MixLoraFeedForward : FeedForwardBlock
