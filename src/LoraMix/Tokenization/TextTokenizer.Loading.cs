@@ -163,7 +163,7 @@ public sealed partial class TextTokenizer
             if (m.ValueKind == JsonValueKind.String)
             {
                 string s = m.GetString()!;
-                int sp = s.IndexOf(' ', 1);
+                int sp = s.Length < 2 ? -1 : s.IndexOf(' ', 1);   // "" and one-character strings have no "left right" split
                 if (sp < 0)
                     throw new TokenizerFileException(path, "model.merges", $"merge #{rank} '{s}' is not of the form \"left right\"");
                 left = s[..sp];

@@ -353,6 +353,23 @@ public sealed class ConfigFilesFuzzTests : IDisposable
         Assert.Equal(("added_tokens_decoder.1000000000", path), (e.Key, e.FilePath));
     }
 
+    [Theory]
+    [InlineData("")]
+    [InlineData("a")]
+    [InlineData(" ")]
+    [InlineData("ab")]
+    public void AMergeStringWithoutALeftRightSplit_IsRefused(string merge)
+    {
+        // found by the mutation fuzzer (an empty merge string once escaped as ArgumentOutOfRangeException)
+        string dir = TokenizerDir();
+        string path = Path.Combine(dir, "tokenizer.json");
+        var o = JsonNode.Parse(File.ReadAllText(path))!.AsObject();
+        o["model"]!["merges"]!.AsArray().Add(merge);
+        File.WriteAllText(path, o.ToJsonString());
+        var e = Assert.Throws<TokenizerFileException>(() => TextTokenizer.FromDirectory(dir));
+        Assert.Equal("model.merges", e.Key);
+    }
+
     [Fact]
     public void VocabIdBeyondTheVocabulary_IsRefused()
     {
