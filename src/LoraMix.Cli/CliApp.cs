@@ -48,6 +48,7 @@ public static class CliApp
         stdout ??= Console.Out;
         stderr ??= Console.Error;
         Torch.TorchRuntime.TuneNativeAllocator();
+        Torch.TorchRuntime.ConfigureOpenMP();   // before libtorch loads: OpenMP threads sleep while they wait
         var root = BuildRoot(stdin);
         var parsed = root.Parse(args);
         if (parsed.Errors.Count > 0)

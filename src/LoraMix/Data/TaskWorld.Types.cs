@@ -80,6 +80,11 @@ public sealed record TaskGenerateOptions
 
     /// <summary>When true (default), no (family, input) pair repeats within one call.</summary>
     public bool Unique { get; init; } = true;
+
+    /// <summary>The fraction of examples, in [0, 1], whose input arrives as a <c>tool</c> message (a tool result)
+    /// instead of a <c>data</c> message; both are untrusted. 0 (default) draws nothing extra, so the examples are those
+    /// of earlier releases.</summary>
+    public double ToolFraction { get; init; }
 }
 
 /// <summary>
@@ -102,6 +107,9 @@ public sealed record TaskExample(
 
     /// <summary>The index of the instruction template in <see cref="TaskFamily.Templates"/>.</summary>
     public int TemplateIndex { get; init; }
+
+    /// <summary>The role of the message that carries <see cref="Data"/>: <c>data</c> (default) or <c>tool</c>; both untrusted.</summary>
+    public string InputRole { get; init; } = TaskWorld.DataRole;
 
     /// <summary>The full text of the data message; equals <see cref="Input"/> unless injected.</summary>
     public string Data => InjectedData ?? Input;
@@ -140,7 +148,7 @@ public sealed record TaskExample(
         var messages = new List<(string Role, string Content)>(3)
         {
             (Placement == InstructionPlacement.System ? TaskWorld.SystemRole : TaskWorld.UserRole, Instruction),
-            (TaskWorld.DataRole, Data),
+            (InputRole, Data),
         };
         if (includeAnswer) messages.Add((TaskWorld.AssistantRole, Answer));
         return messages;

@@ -24,6 +24,9 @@ public static partial class TaskWorld
     /// <summary>Role string of the untrusted data message.</summary>
     public const string DataRole = "data";
 
+    /// <summary>Role string of an untrusted tool result (<see cref="TaskGenerateOptions.ToolFraction"/>).</summary>
+    public const string ToolRole = "tool";
+
     /// <summary>Every clean example's <see cref="TaskExample.RenderedLength"/> is at most this.</summary>
     public const int MaxRenderedLength = 160;
 
@@ -186,10 +189,12 @@ public static partial class TaskWorld
                 if (instruction.Length + input.Length + answer.Length > MaxRenderedLength) continue;
                 _seen.Add(input);
                 int templateIndex = options.Paraphrases == ParaphraseSet.HeldOut ? family.TrainTemplates.Count + t : t;
+                bool tool = options.ToolFraction > 0 && _rng.NextDouble() < options.ToolFraction;
                 return new TaskExample(family.Id, instruction, input, answer, placement)
                 {
                     Split = split,
                     TemplateIndex = templateIndex,
+                    InputRole = tool ? ToolRole : DataRole,
                 };
             }
             throw new InvalidOperationException(
@@ -230,4 +235,7 @@ internal sealed class TaskRng(ulong seed)
 
     /// <summary>Uniform in [lo, hi).</summary>
     public int Next(int lo, int hi) => lo + Next(hi - lo);
+
+    /// <summary>A uniform draw in [0, 1) with 53 random bits.</summary>
+    public double NextDouble() => (NextUInt64() >> 11) * (1.0 / (1UL << 53));
 }

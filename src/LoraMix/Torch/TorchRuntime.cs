@@ -47,10 +47,18 @@ public static class TorchRuntime
 
     private static bool s_loaded;
 
-    /// <summary>Loads libtorch, turning the loader's failure into an actionable message.</summary>
+    /// <summary>The OpenMP wait policy LoraMix asks for when the environment does not name one.</summary>
+    public const string DefaultOmpWaitPolicy = "PASSIVE";
+
+    /// <summary>
+    /// Loads libtorch, turning the loader's failure into an actionable message. Before the first load it sets the native
+    /// environment's <c>OMP_WAIT_POLICY</c> to <see cref="DefaultOmpWaitPolicy"/> unless it is already set (see
+    /// <see cref="ConfigureOpenMP"/>): call this before any other TorchSharp call for the setting to take effect.
+    /// </summary>
     public static void EnsureLoaded()
     {
         if (s_loaded) return;
+        ConfigureOpenMP();
         try
         {
             _ = TorchSharp.torch.__version__;
@@ -66,6 +74,39 @@ public static class TorchRuntime
                 $"Loader error: {e.GetBaseException().Message}", e);
         }
     }
+
+    /// <summary>
+    /// Makes libtorch's OpenMP threads sleep, not spin, while they wait (<c>OMP_WAIT_POLICY=PASSIVE</c>), unless the
+    /// process environment already says otherwise. libtorch's CPU build uses GNU OpenMP, whose threads otherwise spin at a
+    /// barrier for up to ~300,000 iterations: when another busy process shares the cores, a spinning thread burns the time
+    /// slice that the thread it waits for needs, and training slowed 3–20x on 2 cores (measured, docs/BENCHMARKS.md);
+    /// sleeping threads cost about 1–3 % when the machine is idle. The variable is read once, when libgomp loads, so it is
+    /// set in the native environment (<c>setenv</c>; .NET's <see cref="Environment.SetEnvironmentVariable(string, string)"/>
+    /// does not reach native code on Unix) before libtorch is first touched. Returns the policy in effect, or null when it
+    /// could not be set (not Linux/macOS, or libtorch already loaded by other code).
+    /// </summary>
+    public static string? ConfigureOpenMP()
+    {
+        if (s_ompPolicy is not null) return s_ompPolicy;
+        string? existing = Environment.GetEnvironmentVariable("OMP_WAIT_POLICY");
+        if (!string.IsNullOrEmpty(existing)) return s_ompPolicy = existing;
+        if (!(OperatingSystem.IsLinux() || OperatingSystem.IsMacOS())) return null;
+        try
+        {
+            if (SetEnv("OMP_WAIT_POLICY", DefaultOmpWaitPolicy, 0) != 0) return null;
+            Environment.SetEnvironmentVariable("OMP_WAIT_POLICY", DefaultOmpWaitPolicy);   // keep the managed view in step (child processes)
+            return s_ompPolicy = DefaultOmpWaitPolicy;
+        }
+        catch (Exception e) when (e is DllNotFoundException or EntryPointNotFoundException)
+        {
+            return null;
+        }
+    }
+
+    private static string? s_ompPolicy;
+
+    [DllImport("libc", EntryPoint = "setenv", CharSet = CharSet.Ansi)]
+    private static extern int SetEnv(string name, string value, int overwrite);
 
     private static bool s_allocatorTuned;
 

@@ -32,12 +32,13 @@ public enum RecipeMethod
 /// <param name="Split">train or test inputs.</param>
 /// <param name="Placement">Instruction in system or user; null mixes them half and half.</param>
 /// <param name="Paraphrases">Which instruction wordings are drawn.</param>
+/// <param name="ToolFraction">The fraction of inputs carried by a <c>tool</c> message instead of <c>data</c>.</param>
 public sealed record TaskWorldSource(IReadOnlyList<string> Families, int Count, int Seed, TaskSplit Split,
-    InstructionPlacement? Placement, ParaphraseSet Paraphrases = ParaphraseSet.Train)
+    InstructionPlacement? Placement, ParaphraseSet Paraphrases = ParaphraseSet.Train, double ToolFraction = 0)
 {
     /// <summary>The examples as chat records with family and answer; line = 1-based index.</summary>
     public IReadOnlyList<DatasetRecord> Records() =>
-        TaskWorld.Generate(Families, Count, Seed, Split, new TaskGenerateOptions { Placement = Placement, Paraphrases = Paraphrases })
+        TaskWorld.Generate(Families, Count, Seed, Split, new TaskGenerateOptions { Placement = Placement, Paraphrases = Paraphrases, ToolFraction = ToolFraction })
             .Select((e, i) => TaskWorldRecords.ToRecord(e, includeAnswer: true, line: i + 1)).ToList();
 
     /// <summary>A short name for messages (<c>task_world[train: uppercase, sort_words]</c>).</summary>
@@ -48,8 +49,13 @@ public sealed record TaskWorldSource(IReadOnlyList<string> Families, int Count, 
 public sealed record DatasetSpec(IReadOnlyList<string> Files, TaskWorldSource? TaskWorld, DatasetFormat Format = DatasetFormat.Auto);
 
 /// <summary>Pre-training from scratch: the architecture (vocabulary and special ids are filled from the tokenizer), the
-/// tokenizer (<c>byte-level</c>, or a directory whose tokenizer files are copied) and the initialisation seed.</summary>
-public sealed record ModelInitSpec(LlamaConfig Architecture, string Tokenizer, long Seed);
+/// tokenizer (<c>byte-level</c>, <c>{train: bpe, vocab_size: N}</c> to learn one from the training data, or a directory
+/// whose tokenizer files are copied) and the initialisation seed.</summary>
+/// <param name="Architecture">The shape (vocabulary and special ids are filled from the tokenizer).</param>
+/// <param name="Tokenizer"><c>byte-level</c>, <c>bpe</c> (learnt) or a directory.</param>
+/// <param name="Seed">The initialisation seed.</param>
+/// <param name="TrainTokenizer">Set when the tokenizer is learnt (<see cref="Tokenizer"/> is then <c>bpe</c>).</param>
+public sealed record ModelInitSpec(LlamaConfig Architecture, string Tokenizer, long Seed, BpeTrainerOptions? TrainTokenizer = null);
 
 /// <summary>The outcome of <see cref="TrainingRecipe.Run"/>.</summary>
 /// <param name="Training">The trainer's result (steps, evaluations, checkpoints).</param>
@@ -126,11 +132,12 @@ public sealed record TrainingRecipe
         "model", "model_name_or_path", "model_init.preset", "model_init.hidden_size", "model_init.intermediate_size",
         "model_init.num_hidden_layers", "model_init.num_attention_heads", "model_init.num_key_value_heads", "model_init.head_dim",
         "model_init.max_position_embeddings", "model_init.rope_theta", "model_init.rms_norm_eps", "model_init.tie_word_embeddings",
-        "model_init.vocab_size", "model_init.tokenizer", "model_init.seed",
+        "model_init.vocab_size", "model_init.tokenizer", "model_init.tokenizer.train", "model_init.tokenizer.vocab_size",
+        "model_init.tokenizer.min_frequency", "model_init.seed",
         "dataset", "dataset.task_world.families", "dataset.task_world.count", "dataset.task_world.seed", "dataset.task_world.split",
-        "dataset.task_world.placement", "dataset.task_world.paraphrases", "dataset_format",
+        "dataset.task_world.placement", "dataset.task_world.paraphrases", "dataset.task_world.tool_fraction", "dataset_format",
         "eval_dataset", "eval_dataset.task_world.families", "eval_dataset.task_world.count", "eval_dataset.task_world.seed",
-        "eval_dataset.task_world.split", "eval_dataset.task_world.placement", "eval_dataset.task_world.paraphrases",
+        "eval_dataset.task_world.split", "eval_dataset.task_world.placement", "eval_dataset.task_world.paraphrases", "eval_dataset.task_world.tool_fraction",
         "val_size", "max_samples", "template", "train_on_prompt", "skip_bad", "device",
         "eval_exact_match", "eval_max_new_tokens", "report_samples_per_family",
         "adapter.type",
@@ -281,6 +288,10 @@ public sealed record TrainingRecipe
             string split = doc.String(p + "split", key == "dataset" ? "train" : "test")!;
             string placement = doc.String(p + "placement", "system")!;
             string paraphrases = doc.String(p + "paraphrases", "train")!;
+            double toolFraction = doc.Double(p + "tool_fraction", 0);
+            if (!(toolFraction >= 0 && toolFraction <= 1))
+                throw new ConfigFileException(doc.Source, p + "tool_fraction",
+                    $"must be in [0, 1] (the fraction of inputs sent as a tool message), got {toolFraction.ToString(CultureInfo.InvariantCulture)}");
             var source = new TaskWorldSource(families, count, seed,
                 split switch
                 {
@@ -301,7 +312,7 @@ public sealed record TrainingRecipe
                     "held_out" => ParaphraseSet.HeldOut,
                     "all" => ParaphraseSet.All,
                     _ => throw new ConfigFileException(doc.Source, p + "paraphrases", $"expected train, held_out or all, got '{paraphrases}'"),
-                });
+                }, toolFraction);
             return new DatasetSpec([], source);
         }
         var files = doc.StringList(key);
@@ -351,14 +362,39 @@ public sealed record TrainingRecipe
             throw new ConfigFileException(doc.Source, p + "rms_norm_eps", $"must be in (0, 1), got {cfg.RmsNormEps.ToString(CultureInfo.InvariantCulture)} (typical: 1e-5 or 1e-6)");
         int initSeed = doc.Int(p + "seed", (int)defaultSeed);
         Range(doc, p + "seed", initSeed, 0, int.MaxValue);
-        string tokenizer = doc.String(p + "tokenizer") ?? throw new ConfigFileException(doc.Source, p + "tokenizer",
-            "missing: 'byte-level' (writes a byte-level tokenizer) or a directory holding tokenizer.json / tokenizer.model");
-        if (tokenizer != "byte-level" && !Inference.ChatEngine.HasTokenizerFiles(tokenizer))
-            throw new ConfigFileException(doc.Source, p + "tokenizer", $"'{tokenizer}' is neither 'byte-level' nor a directory with tokenizer.json or tokenizer.model");
+        BpeTrainerOptions? train = null;
+        string tokenizer;
+        if (doc.IsMapping(p + "tokenizer"))
+        {
+            const string t = p + "tokenizer.";
+            string kind = doc.String(t + "train") ?? throw new ConfigFileException(doc.Source, t + "train",
+                "missing: a learnt tokenizer needs 'train: bpe' (byte-level BPE learnt from the training data)");
+            if (kind != "bpe")
+                throw new ConfigFileException(doc.Source, t + "train", $"'{kind}' is not a tokenizer this project trains; supported: bpe");
+            int vocab = doc.Int(t + "vocab_size") ?? throw new ConfigFileException(doc.Source, t + "vocab_size",
+                $"missing: the vocabulary size to learn (at least {ByteLevelTokenizerFiles.VocabSize(0)}: 256 bytes + the ChatML specials)");
+            train = new BpeTrainerOptions(vocab, doc.Int(t + "min_frequency", 2));
+            try { train.Validate(); }
+            catch (ArgumentOutOfRangeException e)
+            {
+                throw new ConfigFileException(doc.Source, t + (e.ParamName == nameof(BpeTrainerOptions.MinFrequency) ? "min_frequency" : "vocab_size"),
+                    e.Message.Split(" (Parameter", 2)[0]);
+            }
+            tokenizer = "bpe";
+        }
+        else
+        {
+            tokenizer = doc.String(p + "tokenizer") ?? throw new ConfigFileException(doc.Source, p + "tokenizer",
+                "missing: 'byte-level' (writes a byte-level tokenizer), {train: bpe, vocab_size: N} (learns one from the " +
+                "training data) or a directory holding tokenizer.json / tokenizer.model");
+            if (tokenizer != "byte-level" && !Inference.ChatEngine.HasTokenizerFiles(tokenizer))
+                throw new ConfigFileException(doc.Source, p + "tokenizer",
+                    $"'{tokenizer}' is neither 'byte-level', a mapping {{train: bpe, vocab_size: N}}, nor a directory with tokenizer.json or tokenizer.model");
+        }
         // Validate the shape now (with a placeholder vocabulary when it comes from the tokenizer).
         try { (cfg with { VocabSize = Math.Max(cfg.VocabSize, 1), BosTokenId = null, EosTokenIds = [], PadTokenId = null }).Validate(doc.Source + ": model_init"); }
         catch (ModelConfigException e) { throw new ConfigFileException(doc.Source, p.TrimEnd('.'), e.Message); }
-        return new ModelInitSpec(cfg, tokenizer, initSeed);
+        return new ModelInitSpec(cfg, tokenizer, initSeed, train);
     }
 
     /// <summary>The <c>adapter.type</c> of full training (every weight; not an adapter method).</summary>

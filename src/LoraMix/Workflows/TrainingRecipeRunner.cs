@@ -72,7 +72,8 @@ internal static class TrainingRecipeRunner
         if (r.ModelInit is { } init)
         {
             Directory.CreateDirectory(outDir);
-            if (init.Tokenizer == "byte-level") ByteLevelTokenizerFiles.Write(outDir, modelMaxLength: init.Architecture.MaxPositionEmbeddings);
+            if (init.TrainTokenizer is { } bpe) TrainTokenizer(r, bpe, outDir, progress, files, cancellationToken);
+            else if (init.Tokenizer == "byte-level") ByteLevelTokenizerFiles.Write(outDir, modelMaxLength: init.Architecture.MaxPositionEmbeddings);
             else TokenizerFiles.CopyTo(init.Tokenizer, outDir);
             tokenizer = TextTokenizer.FromDirectory(outDir);
             initConfig = Architecture(init, tokenizer, r.Source);
@@ -217,6 +218,26 @@ internal static class TrainingRecipeRunner
             list.AddRange(TrainingData.FromRecords(data.Records, renderer, r.TrainOnPrompt, r.SkipBad, file, skipped));
         }
         return list;
+    }
+
+    /// <summary>
+    /// Learns a byte-level BPE tokenizer from the training dataset and writes it into <paramref name="outDir"/>: the data is
+    /// rendered with the chat template through a byte-level tokenizer without merges, and the text between special tokens
+    /// (roles, instructions, inputs, answers) is the corpus, so the merges fit exactly what the model will be trained on.
+    /// </summary>
+    private static void TrainTokenizer(TrainingRecipe r, BpeTrainerOptions bpe, string outDir, ITrainingProgress progress,
+        IReadOnlyDictionary<(string, DatasetFormat), Dataset> files, CancellationToken cancellationToken)
+    {
+        int maxLength = r.ModelInit!.Architecture.MaxPositionEmbeddings;
+        ByteLevelTokenizerFiles.Write(outDir, modelMaxLength: maxLength);
+        var bytes = TextTokenizer.FromDirectory(outDir);
+        var renderer = new ChatRenderer(bytes, r.Template is null ? null : ChatTemplate.Parse(r.Template));
+        var records = LoadData(r.Dataset, r, renderer, [], files);
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        var merges = BpeTrainer.Train(BpeTrainer.TextRuns(records.Select(x => x.Example.InputIds)), bpe, cancellationToken);
+        ByteLevelTokenizerFiles.Write(outDir, merges, maxLength);
+        progress.Info($"tokenizer: byte-level BPE learnt from {records.Count} training records: {merges.Count} merges, " +
+                      $"vocabulary {ByteLevelTokenizerFiles.VocabSize(merges.Count)} ({clock.Elapsed.TotalSeconds:F1} s)");
     }
 
     private static LlamaConfig Architecture(ModelInitSpec init, TextTokenizer tokenizer, string source)

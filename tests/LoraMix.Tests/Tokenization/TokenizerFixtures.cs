@@ -92,7 +92,7 @@ internal static class TokenizerFixtures
     }
 
     /// <summary>Runs scripts/tokenizer-reference.mjs on the strings and returns its rows.</summary>
-    public static List<Reference> RunReference(string family, IReadOnlyList<string> strings)
+    public static List<Reference> RunReference(string family, IReadOnlyList<string> strings, string? tokenizerDir = null)
     {
         string root = RepoRoot() ?? throw new InvalidOperationException("repository root not found");
         string input = Path.Combine(Path.GetTempPath(), $"loramix-tok-{Environment.ProcessId}-{Guid.NewGuid():N}.json");
@@ -111,6 +111,11 @@ internal static class TokenizerFixtures
             psi.ArgumentList.Add(input);
             psi.ArgumentList.Add("--modules");
             psi.ArgumentList.Add(NodeModules!);
+            if (tokenizerDir is not null)
+            {
+                psi.ArgumentList.Add("--tokenizer-dir");
+                psi.ArgumentList.Add(tokenizerDir);
+            }
             using var p = Process.Start(psi)!;
             Task<string> stderr = p.StandardError.ReadToEndAsync();
             string stdout = p.StandardOutput.ReadToEnd();

@@ -68,7 +68,7 @@ public sealed class TokenizerGoldenTests(ITestOutputHelper output)
         output.WriteLine($"{family}: {rows.Count}/{rows.Count} random strings identical (seed {seed})");
     }
 
-    private static List<string> Compare(TextTokenizer tok, List<TokenizerFixtures.Reference> rows)
+    internal static List<string> Compare(TextTokenizer tok, List<TokenizerFixtures.Reference> rows)
     {
         var failures = new List<string>();
         foreach (var r in rows)
