@@ -9,6 +9,10 @@ using static TorchSharp.torch;
 // the machine's fp32 matmul peak first, then the model on the `small` preset.
 //   dotnet run -c Release --project bench/LoraMix.Bench [-- --quick]          runtime: prefill MFU, decode tokens/s
 //   dotnet run -c Release --project bench/LoraMix.Bench -- train [--quick]    LoRA training step: tokens/s, MFU
+//   dotnet run -c Release --project bench/LoraMix.Bench -- train-tiny [--quick] [--json PATH]
+//                                                     training steps on the embedded model's shapes (loramix-tiny v2): full
+//                                                     pre-training batch 32x48, LoRA and MixLoRA batch 16x48; tokens/s, MFU,
+//                                                     trainer/bare-op ratio, GEMM GFLOP/s at these shapes
 //   dotnet run -c Release --project bench/LoraMix.Bench -- mixlora [--quick] [--json PATH]
 //                                                     MixLoRA (sparse, dense) vs LoRA: training step per token, decode tokens/s
 //   dotnet run -c Release --project bench/LoraMix.Bench -- router-attack [--quick] [--json PATH]
@@ -18,6 +22,7 @@ using static TorchSharp.torch;
 //                                                     one adapter, base model, and the 8 adapters one after another at batch 1 (issue 14)
 bool quick = args.Contains("--quick");
 bool trainMode = args.Contains("train");
+bool tinyTrainMode = args.Contains("train-tiny");
 bool mixMode = args.Contains("mixlora");
 bool attackMode = args.Contains("router-attack");
 bool mixedMode = args.Contains("mixed");
@@ -79,6 +84,11 @@ if (mixMode)
 if (mixedMode)
 {
     LoraMix.Bench.MixedAdaptersBench.Run(peak, quick, jsonPath);
+    return;
+}
+if (tinyTrainMode)
+{
+    LoraMix.Bench.TinyTrainBench.Run(peak, quick, jsonPath);
     return;
 }
 if (trainMode)
