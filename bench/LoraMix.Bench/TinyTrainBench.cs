@@ -26,7 +26,7 @@ namespace LoraMix.Bench;
 internal static class TinyTrainBench
 {
     private const int Seq = 48, FullBatch = 32, AdapterBatch = 16, Rank = 16, Alpha = 32, Experts = 4, TopK = 2;
-    private const double LearningRate = 1e-4, FullWeightDecay = 0.1;
+    private const double LearningRate = 1e-4, FullWeightDecay = 0.0;   // weight_decay as examples/pretrain-tiny.yaml
 
     /// <summary>The embedded model's architecture (loramix-tiny v2).</summary>
     internal static readonly LlamaConfig Config = new()
