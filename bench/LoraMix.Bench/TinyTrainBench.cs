@@ -10,8 +10,8 @@ using static TorchSharp.torch;
 namespace LoraMix.Bench;
 
 /// <summary>
-/// Training steps on the shapes of the embedded model (loramix-tiny v2: hidden 384, intermediate 1024, 6 layers, 6 query
-/// heads and 2 key/value heads of 64, vocabulary 1024, tied head), random weights, random token ids, fp32, sequences of 48
+/// Training steps on the shapes of the embedded model (loramix-tiny v2: hidden 384, intermediate 1024, 5 layers, 6 query
+/// heads and 2 key/value heads of 64, vocabulary 384, tied head), random weights, random token ids, fp32, sequences of 56
 /// tokens, each step through the real <see cref="Trainer"/>:
 /// (1) full pre-training step (<see cref="TrainingTarget.FullFineTune"/>, AdamW), batch 32: FLOPs = 6·P·T;
 /// (2) LoRA r=16 (α=32) on all 7 projections, batch 16: FLOPs = 4·P·T + 6·r·(in + out)·T per adapted layer;
@@ -21,17 +21,17 @@ namespace LoraMix.Bench;
 /// of the per-step times after the first step (which allocates gradients and optimizer state); tokens/s, GFLOP/s and MFU from
 /// the best step. Cases 1 and 2 also run the same step as a bare TorchSharp op sequence over the state dict (GQA: k/v expanded
 /// to the query heads, as the model does); trainer/bare time ratio = the framework's overhead. Also the GEMM peak at these
-/// shapes: one [1536 × 384]·[1024 × 384]ᵀ linear (T = 32·48 tokens, hidden → intermediate).
+/// shapes: one [1792 × 384]·[1024 × 384]ᵀ linear (T = 32·56 tokens, hidden → intermediate).
 /// </summary>
 internal static class TinyTrainBench
 {
-    private const int Seq = 48, FullBatch = 32, AdapterBatch = 16, Rank = 16, Alpha = 32, Experts = 4, TopK = 2;
+    private const int Seq = 56, FullBatch = 32, AdapterBatch = 16, Rank = 16, Alpha = 32, Experts = 4, TopK = 2;
     private const double LearningRate = 1e-4, FullWeightDecay = 0.0;   // weight_decay as examples/pretrain-tiny.yaml
 
     /// <summary>The embedded model's architecture (loramix-tiny v2).</summary>
     internal static readonly LlamaConfig Config = new()
     {
-        ModelType = "llama", VocabSize = 1024, HiddenSize = 384, IntermediateSize = 1024, NumHiddenLayers = 6,
+        ModelType = "llama", VocabSize = 384, HiddenSize = 384, IntermediateSize = 1024, NumHiddenLayers = 5,
         NumAttentionHeads = 6, NumKeyValueHeads = 2, HeadDim = 64, RmsNormEps = 1e-5, RopeTheta = 10000,
         MaxPositionEmbeddings = 512, TieWordEmbeddings = true,
     };

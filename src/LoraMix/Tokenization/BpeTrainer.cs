@@ -7,7 +7,11 @@ namespace LoraMix.Tokenization;
 /// (<see cref="ByteLevelTokenizerFiles.VocabSize"/>). At least <c>ByteLevelTokenizerFiles.VocabSize(0)</c>.</param>
 /// <param name="MinFrequency">A pair seen fewer times than this in the corpus is never merged (training then stops
 /// short of <paramref name="VocabSize"/>).</param>
-public sealed record BpeTrainerOptions(int VocabSize, int MinFrequency = 2)
+/// <param name="SpaceApart">When true, a space never merges with the text after it: <c>" cat"</c> encodes as
+/// <c>[" ", "cat"]</c>, so a word is the same token at the start of a text and after a space (a small model then copies
+/// words between positions as the identity, instead of learning <c>"Ġcat"</c> ↔ <c>"cat"</c> for every word). The
+/// written file is an ordinary merges list; only the trainer's choice differs.</param>
+public sealed record BpeTrainerOptions(int VocabSize, int MinFrequency = 2, bool SpaceApart = false)
 {
     /// <summary>The most merges the vocabulary size allows.</summary>
     public int MaxMerges => VocabSize - ByteLevelTokenizerFiles.VocabSize(0);
@@ -34,8 +38,8 @@ public sealed record BpeTrainerOptions(int VocabSize, int MinFrequency = 2)
 /// Deterministic: ties on frequency go to the ordinally smallest (left, right) pair of byte-level strings, and nothing
 /// depends on hash order, so the same corpus gives the same merges (and ids) on every run and machine. A pair whose
 /// concatenation is already a token (reached by another merge path) is skipped, so every merge adds one id. Every
-/// byte stays in the vocabulary, so any string encodes (no unknown token). Cost: O(merges × distinct pairs) for the
-/// choice, plus the words that hold each merged pair.
+/// byte stays in the vocabulary, so any string encodes (no unknown token). The next pair comes from a lazily updated
+/// heap, so a merge costs the words that hold the merged pair (times their length) plus a heap push per changed pair.
 /// </remarks>
 public static class BpeTrainer
 {
@@ -80,6 +84,8 @@ public static class BpeTrainer
         var known = new HashSet<string>(pieces, StringComparer.Ordinal);
 
         var pairCount = new Dictionary<long, long>();
+        var changed = new HashSet<long>();
+        var banned = new HashSet<long>();   // pairs never to merge (space_apart, or their result is already a token)
         var pairWords = new Dictionary<long, HashSet<int>>();
         static long Key(int a, int b) => ((long)a << 32) | (uint)b;
         void AddWord(int wi, int sign)
@@ -90,6 +96,7 @@ public static class BpeTrainer
                 long k = Key(w[i], w[i + 1]);
                 long c = pairCount.GetValueOrDefault(k) + sign * freq[wi];
                 if (c == 0) pairCount.Remove(k); else pairCount[k] = c;
+                changed.Add(k);
                 if (sign > 0)
                 {
                     if (!pairWords.TryGetValue(k, out var set)) pairWords[k] = set = [];
@@ -99,21 +106,30 @@ public static class BpeTrainer
         }
         for (int wi = 0; wi < words.Count; wi++) AddWord(wi, +1);
 
+        // A max-heap of (count, pair) with lazy deletion: every pair whose count changed is pushed again with its new
+        // count, and an entry whose count is no longer the pair's current count is dropped when it surfaces. The order
+        // (count descending, then the pair's strings ordinally) is total, so the result does not depend on heap internals.
+        var heap = new PriorityQueue<long, (long Count, long Key)>(Comparer<(long Count, long Key)>.Create((a, b) =>
+            a.Count != b.Count ? b.Count.CompareTo(a.Count) : ComparePairs(pieces, a.Key, b.Key)));
+        void PushChanged()
+        {
+            foreach (long k in changed)
+                if (!banned.Contains(k) && pairCount.TryGetValue(k, out long c) && c >= options.MinFrequency) heap.Enqueue(k, (c, k));
+            changed.Clear();
+        }
+        PushChanged();
+
         var merges = new List<(string, string)>(options.MaxMerges);
-        var skipped = new HashSet<long>();
-        while (merges.Count < options.MaxMerges)
+        while (merges.Count < options.MaxMerges && heap.TryDequeue(out long best, out var top))
         {
             cancellationToken.ThrowIfCancellationRequested();
-            long best = -1, bestCount = 0;
-            foreach (var (k, c) in pairCount)
-            {
-                if (c < options.MinFrequency || skipped.Contains(k)) continue;
-                if (c > bestCount || (c == bestCount && ComparePairs(pieces, k, best) < 0)) { best = k; bestCount = c; }
-            }
-            if (best < 0) break;
+            if (pairCount.GetValueOrDefault(best) != top.Count) continue;                    // stale entry
+            if (banned.Contains(best)) continue;
+            if (options.SpaceApart && Joins(pieces, best)) { banned.Add(best); continue; }
             int left = (int)(best >> 32), right = (int)(best & 0xFFFFFFFF);
             string merged = pieces[left] + pieces[right];
-            if (!known.Add(merged)) { skipped.Add(best); continue; }
+            // reached by another merge path already: never merged (so every merge adds one id)
+            if (!known.Add(merged)) { banned.Add(best); continue; }
             int id = pieces.Count;
             pieces.Add(merged);
             merges.Add((pieces[left], pieces[right]));
@@ -135,13 +151,21 @@ public static class BpeTrainer
                 AddWord(wi, +1);
             }
             pairWords.Remove(best);
+            PushChanged();
         }
         return merges;
     }
 
+    /// <summary>Whether the pair glues a trailing space to something other than more spaces (refused with SpaceApart).</summary>
+    private static bool Joins(List<string> pieces, long pair)
+    {
+        string left = pieces[(int)(pair >> 32)], right = pieces[(int)(pair & 0xFFFFFFFF)];
+        char space = ByteLevelMap.ByteToChar[' '];
+        return left[^1] == space && right[0] != space;
+    }
+
     private static int ComparePairs(List<string> pieces, long a, long b)
     {
-        if (b < 0) return -1;
         int c = string.CompareOrdinal(pieces[(int)(a >> 32)], pieces[(int)(b >> 32)]);
         return c != 0 ? c : string.CompareOrdinal(pieces[(int)(a & 0xFFFFFFFF)], pieces[(int)(b & 0xFFFFFFFF)]);
     }

@@ -133,7 +133,7 @@ public sealed record TrainingRecipe
         "model_init.num_hidden_layers", "model_init.num_attention_heads", "model_init.num_key_value_heads", "model_init.head_dim",
         "model_init.max_position_embeddings", "model_init.rope_theta", "model_init.rms_norm_eps", "model_init.tie_word_embeddings",
         "model_init.vocab_size", "model_init.tokenizer", "model_init.tokenizer.train", "model_init.tokenizer.vocab_size",
-        "model_init.tokenizer.min_frequency", "model_init.seed",
+        "model_init.tokenizer.min_frequency", "model_init.tokenizer.space_apart", "model_init.seed",
         "dataset", "dataset.task_world.families", "dataset.task_world.count", "dataset.task_world.seed", "dataset.task_world.split",
         "dataset.task_world.placement", "dataset.task_world.paraphrases", "dataset.task_world.tool_fraction", "dataset_format",
         "eval_dataset", "eval_dataset.task_world.families", "eval_dataset.task_world.count", "eval_dataset.task_world.seed",
@@ -373,7 +373,7 @@ public sealed record TrainingRecipe
                 throw new ConfigFileException(doc.Source, t + "train", $"'{kind}' is not a tokenizer this project trains; supported: bpe");
             int vocab = doc.Int(t + "vocab_size") ?? throw new ConfigFileException(doc.Source, t + "vocab_size",
                 $"missing: the vocabulary size to learn (at least {ByteLevelTokenizerFiles.VocabSize(0)}: 256 bytes + the ChatML specials)");
-            train = new BpeTrainerOptions(vocab, doc.Int(t + "min_frequency", 2));
+            train = new BpeTrainerOptions(vocab, doc.Int(t + "min_frequency", 2), doc.Bool(t + "space_apart", false));
             try { train.Validate(); }
             catch (ArgumentOutOfRangeException e)
             {

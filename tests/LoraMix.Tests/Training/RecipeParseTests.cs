@@ -182,6 +182,7 @@ public sealed class RecipeExampleTests
     [InlineData("lora-task-world.yaml", RecipeMethod.Lora)]
     [InlineData("mixlora-task-world.yaml", RecipeMethod.MixLora)]
     [InlineData("pretrain-tiny.yaml", RecipeMethod.Full)]
+    [InlineData("pretrain-tiny-v2.yaml", RecipeMethod.Full)]
     [InlineData("lora-alpaca.yaml", RecipeMethod.Lora)]
     public void ExampleRecipesParse(string file, RecipeMethod method)
     {
