@@ -1,5 +1,7 @@
+using LoraMix.Configuration;
 using LoraMix.Data;
 using LoraMix.Tokenization;
+using LoraMix.Workflows;
 
 namespace LoraMix.Tests.Data;
 
@@ -55,5 +57,31 @@ public sealed class TaskWorldToolRoleTests : IDisposable
             }
         }
         Assert.True(covered >= e.Input.Length);
+    }
+
+    [Theory]
+    [InlineData("0", null)]
+    [InlineData("0.25", null)]
+    [InlineData("1", null)]
+    [InlineData("1.5", "must be in [0, 1]")]
+    [InlineData("-0.1", "must be in [0, 1]")]
+    [InlineData("lots", "")]
+    public void TheRecipeKeyIsCheckedWithTheKeyNamed(string value, string? message)
+    {
+        string path = Path.Combine(_dir, "r.yaml");
+        File.WriteAllText(path, $"model: m\ndataset:\n  task_world: {{families: [first_word], count: 20, tool_fraction: {value}}}\noutput_dir: o\n");
+        if (message is null)
+        {
+            var r = TrainingRecipe.Load(path);
+            double f = double.Parse(value, System.Globalization.CultureInfo.InvariantCulture);
+            Assert.Equal(f, r.Dataset.TaskWorld!.ToolFraction);
+            int tool = r.Dataset.TaskWorld.Records().Count(x => x.Messages!.Any(m => m.Role == ChatRole.Tool));
+            if (f == 0) Assert.Equal(0, tool);
+            if (f == 1) Assert.Equal(20, tool);
+            return;
+        }
+        var e = Assert.Throws<ConfigFileException>(() => TrainingRecipe.Load(path));
+        Assert.Contains("'dataset.task_world.tool_fraction'", e.Message);
+        Assert.Contains(message, e.Message);
     }
 }
