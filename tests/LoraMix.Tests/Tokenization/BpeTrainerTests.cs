@@ -135,6 +135,22 @@ public sealed class BpeTrainerTests(ITestOutputHelper output) : IDisposable
     }
 
     [Fact]
+    public void AHugeSinglePreTokenTrainsAndRoundTrips()
+    {
+        // one 200,000-letter pre-token (a pathological corpus) plus a line of digits that can never merge (split one by one)
+        string huge = new('a', 200_000), digits = string.Concat(Enumerable.Repeat("0123456789", 1000));
+        var merges = BpeTrainer.Train([huge, digits], new BpeTrainerOptions(300));
+        Assert.All(merges, m => Assert.Matches("^a+$", m.Left + m.Right));   // digits are single pre-tokens: no digit merges
+        string dir = Path.Combine(_dir, "huge");
+        ByteLevelTokenizerFiles.Write(dir, merges);
+        var tok = TextTokenizer.FromDirectory(dir);
+        int[] ids = tok.Encode(huge);
+        Assert.True(ids.Length < huge.Length / 100, $"{ids.Length} tokens");
+        Assert.Equal(huge, tok.Decode(ids));
+        Assert.Equal(digits.Length, tok.Encode(digits).Length);
+    }
+
+    [Fact]
     public void TextRunsAreTheBytesBetweenSpecials()
     {
         byte[] hello = Encoding.UTF8.GetBytes("héllo");
