@@ -96,6 +96,11 @@ public sealed class AdaptedLinear : LinearSlot
         using var scope = NewDisposeScope();
         foreach (var use in adapters.Uses)
         {
+            if (ctx.Scalings?.Get(use.Name) is { } scaled)
+            {
+                result = AddScaledExperts(result ?? y, x, use, scaled.Adapter, scaled.Scalings);
+                continue;
+            }
             if (!_deltas.TryGet(use.Name, out var delta) || _merged.Contains(use.Name)) continue;
             result ??= y;
             if (use.AllRows)
@@ -116,5 +121,34 @@ public sealed class AdaptedLinear : LinearSlot
             }
         }
         return result is null || ReferenceEquals(result, y) ? y : result.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// X-LoRA on the rows of <paramref name="use"/>: <c>Σ_i s[b,t,l,i] · g · scale_i · B_i A_i x</c> over the experts this
+    /// layer holds (an expert that does not target it adds nothing; its scaling is unused, as in PEFT), with l this
+    /// layer's module index and s the call's scalings <c>[B, T, L, N]</c>. The scaling multiplies the input, as PEFT does.
+    /// </summary>
+    private Tensor AddScaledExperts(Tensor result, Tensor x, AdapterRows use, IScalingPassAdapter adapter, Tensor scalings)
+    {
+        int l = adapter.ModuleIndex(this);
+        if (l < 0) return result;
+        if (x.dim() != 3)
+            throw new InvalidOperationException($"X-LoRA needs [batch, seq, features] inputs at its layers, got [{string.Join(", ", x.shape)}]");
+        var s = scalings.select(2, l);                                              // [B, T, N]
+        var xr = use.AllRows ? x : x.index_select(0, use.Index!);
+        if (!use.AllRows) s = s.index_select(0, use.Index!);
+        Tensor? sum = null;
+        var experts = adapter.Experts;
+        for (int i = 0; i < experts.Count; i++)
+        {
+            if (!_deltas.TryGet(experts[i], out var delta)) continue;
+            var update = delta.Unscaled(xr * s.select(-1, i).unsqueeze(-1).to(xr.dtype)) * (delta.Scale * adapter.GlobalScalingWeight);
+            sum = sum is null ? update : sum + update;
+        }
+        if (sum is null) return result;
+        if (sum.dtype != result.dtype) sum = sum.to(result.dtype);
+        if (use.AllRows) return result + sum;
+        if (!result.requires_grad && !sum.requires_grad && !ReferenceEquals(result, x)) return result.index_add_(0, use.Index!, sum, 1.0);
+        return result.index_add(0, use.Index!, sum, 1.0);
     }
 }

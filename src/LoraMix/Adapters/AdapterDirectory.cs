@@ -10,6 +10,9 @@ public enum AdapterKind
 
     /// <summary>A MoE-PEFT MixLoRA adapter (<see cref="AdapterMethods.MixLora"/>).</summary>
     MixLora,
+
+    /// <summary>An X-LoRA adapter, PEFT's layout or the xlora package's (<see cref="AdapterMethods.XLora"/>).</summary>
+    XLora,
 }
 
 /// <summary>Tells adapter directories apart by their <c>adapter_config.json</c>: a thin wrapper over

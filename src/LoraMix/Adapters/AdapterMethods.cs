@@ -2,6 +2,7 @@ using System.Text.Json;
 using System.Text.Json.Nodes;
 using LoraMix.Adapters.Lora;
 using LoraMix.Adapters.MixLora;
+using LoraMix.Adapters.XLora;
 using LoraMix.Modeling;
 
 namespace LoraMix.Adapters;
@@ -98,8 +99,11 @@ public static class AdapterMethods
     /// <summary>MixLoRA (<c>MIXLORA</c>, recipe <c>mixlora</c>).</summary>
     public static IAdapterMethod MixLora { get; } = new MixLoraMethod();
 
+    /// <summary>X-LoRA (<c>XLORA</c>, recipe <c>xlora</c>).</summary>
+    public static IAdapterMethod XLora { get; } = new XLoraMethod();
+
     /// <summary>Every registered method, in registration order (the order recipe keys and messages list them in).</summary>
-    public static IReadOnlyList<IAdapterMethod> All { get; } = [Lora, MixLora];
+    public static IReadOnlyList<IAdapterMethod> All { get; } = [Lora, MixLora, XLora];
 
     /// <summary>The method of a config object without <c>peft_type</c> that no method claims.</summary>
     public static IAdapterMethod Untyped => Lora;
@@ -132,6 +136,7 @@ public static class AdapterMethods
     {
         string path = Path.Combine(directory, LoraAdapters.ConfigFileName);
         if (!Directory.Exists(directory)) throw new LoraMixException($"adapter directory '{directory}' does not exist");
+        if (!Path.Exists(path) && File.Exists(Path.Combine(directory, XLoraConfig.OriginalConfigFileName))) return XLora;   // the xlora package's layout
         var obj = AdapterFiles.ReadConfigObject(path, string.Join(" or ", All.Select(m => m.DisplayName)));
         return Detect(obj, path);
     }

@@ -34,6 +34,10 @@ public sealed class ForwardContext : IRouterStepContext
     /// that holds adapters (projections, feed-forward, embedding) reads it; none keeps an "active adapter" of its own.</summary>
     public AdapterBatch? Adapters { get; init; }
 
+    /// <summary>The scalings of the call's scaling-pass adapters (X-LoRA), computed by the scaling pass, or null. Linear
+    /// layers wrapped by such an adapter read their module's slice; nothing about them is kept on the layers.</summary>
+    public ScalingSet? Scalings { get; init; }
+
     /// <summary>The rows of the call's batch this context covers, or null for all of them (a block that runs a sub-batch
     /// on its own passes a context for its rows, <see cref="ForRows"/>; router policies map their per-row state with it).</summary>
     public int[]? Rows { get; init; }
@@ -51,6 +55,7 @@ public sealed class ForwardContext : IRouterStepContext
         TokenMask = TokenMask?.index_select(0, rowIndex),
         Routing = Routing,
         Adapters = Adapters?.Subset(rows, rowIndex.device),
+        Scalings = Scalings?.Select(rowIndex),
         Rows = Rows is null ? rows : rows.Select(r => Rows[r]).ToArray(),
     };
 }

@@ -162,9 +162,29 @@ public sealed class KvCache : IRoutedSequenceCache, IDisposable
             }
     }
 
+    /// <summary>What scaling-pass adapters (X-LoRA) keep with this sequence: the scaling pass's own cache and the
+    /// non-granular state (created on first use).</summary>
+    public ScalingPassCacheState ScalingPass => _scalingPass ??= new ScalingPassCacheState(BatchSize);
+    private ScalingPassCacheState? _scalingPass;
+
+    /// <summary>True once <see cref="ScalingPass"/> has been created.</summary>
+    internal bool HasScalingPassState => _scalingPass is not null;
+
+    /// <summary>A cache shaped like this one (same layers, heads, capacity), empty.</summary>
+    internal KvCache CreateCompanion() =>
+        new(_keys.Length, BatchSize, _keys[0].shape[1], Capacity, _keys[0].shape[3], _keys[0].device, _keys[0].dtype);
+
+    /// <summary>Freezes X-LoRA scalings after <paramref name="decodeSteps"/> decode steps, for every row (null: never).</summary>
+    public void SetNonGranular(int? decodeSteps)
+    {
+        if (decodeSteps is < 1) throw new ArgumentOutOfRangeException(nameof(decodeSteps), decodeSteps, "the non-granular index counts decode steps: at least 1");
+        Array.Fill(ScalingPass.NonGranularIndex, decodeSteps);
+    }
+
     /// <summary>Forgets everything (slots, positions) so the cache can serve a new sequence.</summary>
     public void Reset()
     {
+        _scalingPass?.Reset();
         Length = 0;
         HasPadding = false;
         Array.Clear(_nextPosition);
@@ -173,6 +193,7 @@ public sealed class KvCache : IRoutedSequenceCache, IDisposable
 
     public void Dispose()
     {
+        _scalingPass?.Dispose();
         foreach (var t in _keys) t.Dispose();
         foreach (var t in _values) t.Dispose();
         _valid.Dispose();

@@ -16,6 +16,7 @@ public sealed partial class LlamaForCausalLM : nn.Module
 {
     [ComponentName(Name = "model")] private readonly LlamaModel _model;
     [ComponentName(Name = "lm_head")] private readonly LinearLayer? _lmHead;
+    [ComponentName(Name = "scaling_heads")] private readonly NamedModules<nn.Module> _scalingHeads = new();
     private readonly RotaryEmbedding _rotary;
 
     /// <summary>Builds the model with uninitialised weights (norms are ones); load or initialise them next.</summary>
@@ -96,9 +97,138 @@ public sealed partial class LlamaForCausalLM : nn.Module
         if (attentionMask is not null && (attentionMask.dim() != 2 || attentionMask.shape[0] != b || attentionMask.shape[1] != t))
             throw new ArgumentException($"attention mask must be [{b}, {t}], got [{string.Join(", ", attentionMask.shape)}]", nameof(attentionMask));
         CheckAdapters(adapters, b);
+        if (ScalingUses(adapters, b) is { } scaled)
+        {
+            if (routing is not null && !is_grad_enabled() && PrivilegedPrefill.Plan(this, routing, adapters, cache, attentionMask, b, t) is not null)
+                throw new NotSupportedException("a call that runs X-LoRA rows and freezes privileged mixture-of-experts routing in the same " +
+                                                "call is not supported; run the X-LoRA rows in a batch of their own");
+            return ForwardScaled(inputEmbeddings, cache, attentionMask, routing, adapters!, scaled);
+        }
         if (routing is not null && !is_grad_enabled() && PrivilegedPrefill.Plan(this, routing, adapters, cache, attentionMask, b, t) is { } plan)
             return PrivilegedPrefill.Run(this, plan, inputEmbeddings, cache, attentionMask, routing, adapters);
         return ForwardCore(inputEmbeddings, cache, attentionMask, routing, adapters);
+    }
+
+    private readonly Dictionary<string, IScalingPassAdapter> _scalingAdapters = new(StringComparer.Ordinal);
+
+    /// <summary>Registers a scaling-pass adapter (X-LoRA) under its name, of method <paramref name="method"/>; its experts
+    /// must already be attached. A module adapter joins the model's module tree (<c>scaling_heads.{name}</c>), so
+    /// <c>train()</c>/<c>eval()</c> reach its dropout; it takes the model's current mode.</summary>
+    public void RegisterScalingAdapter(IScalingPassAdapter adapter, string method)
+    {
+        foreach (var e in adapter.Experts)
+            if (!_adapters.ContainsKey(e)) throw new ArgumentException($"expert '{e}' of '{adapter.Name}' is not attached");
+        RegisterAdapter(adapter.Name, method);
+        _scalingAdapters[adapter.Name] = adapter;
+        if (adapter is nn.Module module)
+        {
+            if (training) module.train(); else module.eval();
+            _scalingHeads.Add(adapter.Name, module);
+        }
+    }
+
+    /// <summary>The scaling-pass adapter named <paramref name="name"/>, or null.</summary>
+    public IScalingPassAdapter? ScalingAdapter(string name) => _scalingAdapters.GetValueOrDefault(name);
+
+    /// <summary>Forgets a scaling-pass adapter (its experts stay attached until removed).</summary>
+    public void UnregisterScalingAdapter(string name)
+    {
+        if (_scalingAdapters.Remove(name)) UnregisterAdapter(name);
+    }
+
+    /// <summary>Per row, the scaling-pass adapter it selects (null for other rows), or null when no row selects one.</summary>
+    private IScalingPassAdapter?[]? ScalingUses(AdapterSelection? adapters, long batch)
+    {
+        if (adapters is null || _scalingAdapters.Count == 0 || !adapters.Names.Any(_scalingAdapters.ContainsKey)) return null;
+        var rows = new IScalingPassAdapter?[batch];
+        for (int r = 0; r < batch; r++)
+        {
+            var choice = adapters[r];
+            foreach (var term in choice.Terms)
+            {
+                if (!_scalingAdapters.TryGetValue(term.Name, out var a)) continue;
+                if (choice.Terms.Count != 1 || term.Weight != 1)
+                    throw new ArgumentException($"X-LoRA adapter '{term.Name}' must be a row's only adapter, at weight 1 (got '{choice}'): " +
+                                                "its scalings already weigh its experts", nameof(adapters));
+                rows[r] = a;
+            }
+        }
+        return rows;
+    }
+
+    /// <summary>
+    /// The two passes of X-LoRA rows: the scaling pass (with its own KV cache, <see cref="ScalingPassCacheState"/>) over the
+    /// batch — X-LoRA rows run their <see cref="IScalingPassAdapter.ScalingPassChoice"/>, other rows the base model — then
+    /// each adapter's head on its rows' post-norm hidden states, then the scaled pass over the batch with the main cache.
+    /// Each call runs both passes on its new tokens only: a token's scalings depend on the tokens up to it, so the scaled
+    /// pass's cached keys and values never change when tokens are added, and this equals recomputing the whole sequence.
+    /// A row whose scalings are frozen (non-granular) reuses them and, when every X-LoRA row is frozen, the scaling pass
+    /// is skipped.
+    /// </summary>
+    private Tensor ForwardScaled(Tensor inputEmbeddings, KvCache? cache, Tensor? attentionMask, RoutingContext? routing,
+        AdapterSelection adapters, IScalingPassAdapter?[] scaled)
+    {
+        long b = inputEmbeddings.shape[0], t = inputEmbeddings.shape[1];
+        using var scope = NewDisposeScope();
+        var state = cache?.ScalingPass;
+        bool NeedsPass(int r) => scaled[r] is not null && (state is null || !state.IsFrozen(r));
+        Tensor? hidden = null;
+        if (Enumerable.Range(0, (int)b).Any(NeedsPass))
+        {
+            KvCache? scalingCache = null;
+            if (cache is not null)
+            {
+                if (state!.ScalingCache is null)
+                {
+                    if (cache.Length > 0)
+                        throw new InvalidOperationException("this KV cache holds tokens that were run without X-LoRA: the scaling pass has no " +
+                                                            "cache for them; run X-LoRA from the first token of the sequence");
+                    state.ScalingCache = cache.CreateCompanion();
+                }
+                scalingCache = state.ScalingCache;
+                if (scalingCache.Length != cache.Length)
+                    throw new InvalidOperationException($"the X-LoRA scaling cache holds {scalingCache.Length} slots but the KV cache {cache.Length}: " +
+                                                        "a row whose scalings were frozen cannot run its scaling pass again");
+                if (scalingCache.Capacity < cache.Capacity) scalingCache.Grow(cache.Capacity - scalingCache.Capacity);
+            }
+            var scalingSelection = AdapterSelection.PerRow(Enumerable.Range(0, (int)b).Select(r => scaled[r]?.ScalingPassChoice ?? AdapterChoice.Base));
+            using (no_grad())
+                hidden = ForwardCore(inputEmbeddings, scalingCache, attentionMask, routing: null,
+                    scalingSelection.IsBase ? null : scalingSelection).detach();
+        }
+
+        var items = new Dictionary<string, (IScalingPassAdapter, Tensor)>(StringComparer.Ordinal);
+        foreach (var adapter in scaled.Where(a => a is not null).Distinct())
+        {
+            var rows = Enumerable.Range(0, (int)b).Where(r => scaled[r] == adapter).ToArray();
+            var live = rows.Where(NeedsPass).ToArray();
+            Tensor? full = null;
+            if (live.Length > 0)
+            {
+                var index = tensor(live.Select(r => (long)r).ToArray(), device: Device);
+                var s = adapter!.Scalings(hidden!.index_select(0, index));                       // [R, T, L, N]
+                full = zeros([b, t, s.shape[2], s.shape[3]], dtype: s.dtype, device: Device).index_copy(0, index, s);
+            }
+            foreach (int r in rows.Where(r => !NeedsPass(r)))
+            {
+                var frozen = state!.Frozen[r]!;                                                   // [1, L, N]
+                full ??= zeros([b, t, frozen.shape[1], frozen.shape[2]], dtype: frozen.dtype, device: Device);
+                full = full.index_copy(0, tensor(new long[] { r }, device: Device), frozen.unsqueeze(0).expand(1, t, -1, -1));
+            }
+            items[adapter!.Name] = (adapter, full!);
+        }
+
+        if (state is not null)
+            foreach (var (_, adapter, full) in items.Select(kv => (kv.Key, kv.Value.Item1, kv.Value.Item2)))
+                for (int r = 0; r < b; r++)
+                {
+                    if (scaled[r] != adapter || state.IsFrozen(r)) continue;
+                    if (t == 1) state.DecodeSteps[r]++;
+                    if (state.NonGranularIndex[r] is int k && state.DecodeSteps[r] == k)
+                        state.Frozen[r] = full.narrow(0, r, 1).narrow(1, t - 1, 1).squeeze(0).detach().clone().DetachFromDisposeScope();
+                }
+
+        return ForwardCore(inputEmbeddings, cache, attentionMask, routing, adapters, new ScalingSet(items)).MoveToOuterDisposeScope();
     }
 
     private readonly Dictionary<string, string> _adapters = new(StringComparer.Ordinal);
@@ -116,7 +246,11 @@ public sealed partial class LlamaForCausalLM : nn.Module
     }
 
     /// <summary>Forgets adapter <paramref name="name"/> (no-op when absent).</summary>
-    public void UnregisterAdapter(string name) => _adapters.Remove(name);
+    public void UnregisterAdapter(string name)
+    {
+        _adapters.Remove(name);
+        if (_scalingAdapters.Remove(name)) _scalingHeads.Remove(name);
+    }
 
     /// <summary>Throws unless every adapter <paramref name="adapters"/> names is attached and the selection fits the batch.</summary>
     /// <exception cref="ArgumentException">An unknown adapter name, or a per-row selection for another batch size.</exception>
@@ -138,7 +272,7 @@ public sealed partial class LlamaForCausalLM : nn.Module
 
     /// <summary>One forward call of every layer (the body of <see cref="ForwardEmbeddings"/>).</summary>
     internal Tensor ForwardCore(Tensor inputEmbeddings, KvCache? cache, Tensor? attentionMask, RoutingContext? routing,
-        AdapterSelection? adapters)
+        AdapterSelection? adapters, ScalingSet? scalings = null)
     {
         long b = inputEmbeddings.shape[0], t = inputEmbeddings.shape[1];
         using var scope = NewDisposeScope();
@@ -201,7 +335,7 @@ public sealed partial class LlamaForCausalLM : nn.Module
         var ctx = new ForwardContext
         {
             Cos = cos, Sin = sin, AttentionMask = attnMask, IsCausal = causal, Cache = cache, Start = start,
-            TokenMask = mask, Routing = routing, Adapters = AdapterBatch.Resolve(adapters, b, Device),
+            TokenMask = mask, Routing = routing, Adapters = AdapterBatch.Resolve(adapters, b, Device), Scalings = scalings,
         };
         var h = _model.EmbedTokens.AddPrivileges(inputEmbeddings.to(Device), routing?.PrivilegeLabels, ctx.Adapters);
         foreach (var layer in _model.Layers) h = layer.call(h, ctx);

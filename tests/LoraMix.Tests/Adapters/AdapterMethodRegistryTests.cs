@@ -35,8 +35,9 @@ public sealed class AdapterMethodRegistryTests : IDisposable
     [Fact]
     public void LookupsByNameAndPeftType()
     {
-        Assert.Equal(["lora", "mixlora"], AdapterMethods.Names);
-        Assert.Equal(["LORA", "MIXLORA"], AdapterMethods.PeftTypes);
+        Assert.Equal(["lora", "mixlora", "xlora"], AdapterMethods.Names);
+        Assert.Equal(["LORA", "MIXLORA", "XLORA"], AdapterMethods.PeftTypes);
+        Assert.Same(AdapterMethods.XLora, AdapterMethods.ByPeftType("XLORA"));
         Assert.Same(AdapterMethods.Lora, AdapterMethods.ByPeftType("LORA"));
         Assert.Same(AdapterMethods.MixLora, AdapterMethods.ByPeftType("MIXLORA"));
         Assert.Null(AdapterMethods.ByPeftType("mixlora"));   // peft_type is exact, as PEFT compares it

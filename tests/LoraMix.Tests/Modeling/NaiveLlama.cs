@@ -37,11 +37,23 @@ internal static class NaiveLlama
     }
 
     /// <summary>Logits [T, V] (float64) for token ids at positions 0..T-1.</summary>
-    public static Tensor Forward(LlamaConfig c, IReadOnlyDictionary<string, Tensor> weights, long[] ids)
+    public static Tensor Forward(LlamaConfig c, IReadOnlyDictionary<string, Tensor> weights, long[] ids) =>
+        ForwardWithHidden(c, weights, ids).Logits;
+
+    /// <summary>Logits [T, V] and the post-final-norm hidden states [T, hidden] (float64); <paramref name="delta"/>, when
+    /// given, adds <c>delta(modulePath, x)</c> to every linear projection's output (x its float64 input [T, in]).</summary>
+    public static (Tensor Logits, Tensor Hidden) ForwardWithHidden(LlamaConfig c, IReadOnlyDictionary<string, Tensor> weights, long[] ids,
+        Func<string, Tensor, Tensor?>? delta = null)
     {
         Tensor W(string name) => weights[name].to(ScalarType.Float64);
         Tensor? B(string name) => weights.TryGetValue(name, out var b) ? b.to(ScalarType.Float64) : null;
-        Tensor Lin(Tensor x, string p) { var y = x.matmul(W(p + ".weight").t()); var b = B(p + ".bias"); return b is null ? y : y + b; }
+        Tensor Lin(Tensor x, string p)
+        {
+            var y = x.matmul(W(p + ".weight").t());
+            var b = B(p + ".bias");
+            if (b is not null) y = y + b;
+            return delta?.Invoke(p, x) is { } d ? y + d : y;
+        }
         Tensor Norm(Tensor x, string p) => W(p + ".weight") * (x / (x.pow(2).mean([-1L], keepdim: true) + c.RmsNormEps).sqrt());
 
         int T = ids.Length, D = c.HeadDim, H = c.NumAttentionHeads, KV = c.NumKeyValueHeads;
@@ -99,6 +111,6 @@ internal static class NaiveLlama
         }
         h = Norm(h, "model.norm");
         var head = c.TieWordEmbeddings ? W("model.embed_tokens.weight") : W("lm_head.weight");
-        return h.matmul(head.t());
+        return (h.matmul(head.t()), h);
     }
 }
