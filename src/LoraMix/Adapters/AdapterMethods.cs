@@ -34,6 +34,8 @@ public enum RecipeValueKind
     NonNullBool,
     /// <summary>A list of strings, or one string (e.g. <c>all-linear</c> or a regex).</summary>
     StringListOrString,
+    /// <summary>A mapping of names to strings, kept in order (X-LoRA's <c>adapters: {name: path}</c>).</summary>
+    StringMap,
 }
 
 /// <summary>One key a method accepts under a recipe's <c>adapter:</c> (dotted for nesting: <c>expert_lora.r</c>).</summary>

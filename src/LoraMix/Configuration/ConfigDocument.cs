@@ -425,6 +425,24 @@ public sealed class ConfigDocument
         throw Wrong(key, "a list of strings", n);
     }
 
+    /// <summary>A mapping of names to strings (<c>adapters: {math: path/a, code: path/b}</c>), in the file's order; every
+    /// entry counts as read. Names may not contain '.' (they would read as nesting).</summary>
+    public IReadOnlyList<(string Name, string Value)>? StringMap(string key)
+    {
+        var n = Lookup(key, out bool present);
+        if (!present || n is null) return null;
+        if (n is not JsonObject o) throw Wrong(key, "a mapping of names to strings", n);
+        var list = new List<(string, string)>();
+        foreach (var (name, value) in o)
+        {
+            if (name.Contains('.')) throw new ConfigFileException(Source, key, $"the name '{name}' contains '.'; choose a name without it");
+            _consumed.Add(key + "." + name);
+            list.Add((name, value is JsonValue v && v.GetValueKind() == JsonValueKind.String ? v.GetValue<string>()
+                : throw Wrong(key + "." + name, "a string", value)));
+        }
+        return list;
+    }
+
     /// <summary>
     /// Throws when the document has keys no accessor asked for, listing them and the understood keys.
     /// Call after reading every key the command supports.

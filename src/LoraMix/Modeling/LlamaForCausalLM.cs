@@ -228,6 +228,8 @@ public sealed partial class LlamaForCausalLM : nn.Module
                         state.Frozen[r] = full.narrow(0, r, 1).narrow(1, t - 1, 1).squeeze(0).detach().clone().DetachFromDisposeScope();
                 }
 
+        if (routing?.OnScalings is { } observe)
+            foreach (var (name, (_, full)) in items) observe(name, full.detach());
         return ForwardCore(inputEmbeddings, cache, attentionMask, routing, adapters, new ScalingSet(items)).MoveToOuterDisposeScope();
     }
 

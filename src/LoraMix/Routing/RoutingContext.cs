@@ -20,6 +20,11 @@ public sealed class RoutingContext : IDisposable
     /// configured <c>router_policy</c>.</summary>
     public IRouterPolicy? Policy { get; init; }
 
+    /// <summary>Called once per forward call and X-LoRA adapter with the adapter's name and the scalings
+    /// <c>[B, T, L, N]</c> the scaled pass used (detached from the graph; rows that do not select it hold zeros). A log
+    /// that copies what it needs never keeps a training graph alive.</summary>
+    public Action<string, Tensor>? OnScalings { get; init; }
+
     /// <summary>
     /// Per-token privilege labels <c>[B, T]</c> of the next forward step, integer values of <see cref="Privilege"/>
     /// (<c>Untrusted</c> = 0), aligned with the (left-padded) input ids; padding labels are ignored. Required by the

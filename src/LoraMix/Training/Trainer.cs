@@ -276,6 +276,7 @@ public sealed partial class Trainer
         if (!double.IsFinite(gradNorm)) throw new TrainingDivergedException(step, "gradient norm", gradNorm, lr, run.LastCheckpoint);
         if (_options.MaxGradNorm > 0) ClipGradients(optimizer, _options.MaxGradNorm, gradNorm);
         optimizer.Step(lr);
+        _target.AfterStep?.Invoke(step);
         return (loss, gradNorm, tokens, extras);
     }
 

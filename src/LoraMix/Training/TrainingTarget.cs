@@ -1,5 +1,7 @@
 using LoraMix.Adapters.Lora;
+using LoraMix.Adapters;
 using LoraMix.Adapters.MixLora;
+using LoraMix.Adapters.XLora;
 using LoraMix.Checkpoints;
 using LoraMix.Modeling;
 using static TorchSharp.torch;
@@ -26,6 +28,78 @@ public sealed record TrainingTarget(
     /// <summary>The adapters the trained model's forward pass runs (the trained adapter; the base model for full
     /// fine-tuning). The trainer sets it on every batch (<see cref="CollatedBatch.Adapters"/>).</summary>
     public AdapterSelection Adapters { get; init; } = AdapterSelection.Base;
+
+    /// <summary>Runs after every optimizer step (e.g. X-LoRA's check that the frozen base and experts stayed frozen); it
+    /// throws to stop training.</summary>
+    public Action<int>? AfterStep { get; init; }
+
+    /// <summary>
+    /// X-LoRA: trains the scaling head of <paramref name="adapter"/> (attached with <see cref="XLoraAdapters.Create"/>), and
+    /// its experts too with <c>use_trainable_adapters</c>; everything else is frozen. After every step it asserts that no
+    /// frozen parameter has become trainable or received a gradient, and that frozen experts are bit-for-bit unchanged
+    /// (PEFT has had bugs that silently unfroze experts). Checkpoints are X-LoRA directories in PEFT layout with the
+    /// experts beside the head; parameters are named by their file keys (experts as <c>{expert}/{PEFT key}</c>).
+    /// </summary>
+    public static TrainingTarget XLora(LlamaForCausalLM model, XLoraAdapter adapter)
+    {
+        AdapterFiles.FreezeAll(model);
+        var parameters = new List<TrainableParameter>();
+        foreach (var (key, t) in XLoraAdapters.HeadStateDict(adapter, XLoraLayout.Peft))
+        {
+            var p = (TorchSharp.Modules.Parameter)t;
+            p.requires_grad = true;
+            parameters.Add(new TrainableParameter(key, p, Decay: !key.EndsWith(".bias", StringComparison.Ordinal)));
+        }
+        bool trainExperts = adapter.Config.UseTrainableAdapters;
+        var expertTensors = new List<(string Label, string Key, TorchSharp.Modules.Parameter P)>();
+        for (int i = 0; i < adapter.Experts.Count; i++)
+            foreach (var (key, t) in LoraAdapters.PeftStateDict(model, adapter.Experts[i]))
+                expertTensors.Add((adapter.Config.Adapters[i].Name, key, (TorchSharp.Modules.Parameter)t));
+        if (trainExperts)
+            foreach (var (label, key, p) in expertTensors)
+            {
+                p.requires_grad = true;
+                parameters.Add(new TrainableParameter($"{label}/{key}", p, Decay: true));
+            }
+        var trainable = new HashSet<TorchSharp.Modules.Parameter>(parameters.Select(p => p.Parameter), ReferenceEqualityComparer.Instance);
+        var frozenExperts = trainExperts ? [] : expertTensors.Select(e => (Name: $"{e.Label}/{e.Key}", e.P, Sum: Checksum(e.P))).ToList();
+
+        void AssertFrozen(int step)
+        {
+            foreach (var (name, p) in model.named_parameters())
+            {
+                if (trainable.Contains(p)) continue;
+                if (p.requires_grad || p.grad is not null)
+                    throw new InvalidOperationException($"X-LoRA training, step {step}: the frozen parameter '{name}' became trainable " +
+                                                        "or received a gradient; only the scaling head (and experts with use_trainable_adapters) may train");
+            }
+            foreach (var (name, p, sum) in frozenExperts)
+                if (Checksum(p) != sum)
+                    throw new InvalidOperationException($"X-LoRA training, step {step}: the frozen expert tensor '{name}' changed");
+        }
+
+        string what = trainExperts ? "head and experts" : "head; experts frozen";
+        return new TrainingTarget(model, parameters,
+            dir => XLoraAdapters.Save(model, dir, adapter.Name),
+            dir =>
+            {
+                LoadByName(Path.Combine(dir, XLoraConfig.PeftWeightsFileName), [.. parameters.Where(p => !p.Name.Contains('/'))]);
+                foreach (var group in parameters.Where(p => p.Name.Contains('/')).GroupBy(p => p.Name[..p.Name.IndexOf('/')]))
+                    LoadByName(Path.Combine(dir, group.Key, LoraAdapters.WeightsFileName),
+                        [.. group.Select(p => p with { Name = p.Name[(p.Name.IndexOf('/') + 1)..] })]);
+            },
+            $"X-LoRA adapter '{adapter.Name}' ({adapter.Experts.Count} experts over {adapter.NumModules} modules, depth {adapter.Config.XLoraDepth}, " +
+            $"{what}: {parameters.Count} tensors, {parameters.Sum(p => p.Parameter.numel()):N0} parameters)")
+        { Adapters = AdapterSelection.Of(adapter.Name), AfterStep = AssertFrozen };
+
+        static double Checksum(Tensor t)
+        {
+            using var scope = NewDisposeScope();
+            using var noGrad = no_grad();
+            var f = t.to(ScalarType.Float64);
+            return (f.abs().sum() + (f * arange(f.numel(), dtype: ScalarType.Float64).reshape(f.shape).remainder(7)).sum()).item<double>();
+        }
+    }
 
     /// <summary>
     /// LoRA: freezes the base model and trains adapter <paramref name="adapterName"/> (attached beforehand with

@@ -3,6 +3,7 @@ using System.Text.Json.Nodes;
 using LoraMix.Adapters;
 using LoraMix.Adapters.Lora;
 using LoraMix.Adapters.MixLora;
+using LoraMix.Adapters.XLora;
 using LoraMix.Configuration;
 using LoraMix.Data;
 using LoraMix.Modeling;
@@ -22,6 +23,9 @@ public enum RecipeMethod
 
     /// <summary>Every weight (<c>adapter: {type: full}</c>, the only choice with <c>model_init</c>).</summary>
     Full,
+
+    /// <summary>An X-LoRA scaling head over frozen PEFT LoRA experts (<c>adapter: {type: xlora, adapters: {name: path}}</c>).</summary>
+    XLora,
 }
 
 /// <summary>A task-world data source: <see cref="TaskWorld.Generate(IEnumerable{string}, int, int, TaskSplit, TaskGenerateOptions?)"/>
@@ -99,6 +103,8 @@ public sealed record TrainingRecipe
     public LoraConfig? Lora { get; init; }
     /// <summary>The MixLoRA config (<see cref="RecipeMethod.MixLora"/>).</summary>
     public MixLoraConfig? MixLora { get; init; }
+    /// <summary>The X-LoRA config (<see cref="RecipeMethod.XLora"/>); a <c>hidden_size</c> of 0 takes the model's.</summary>
+    public XLoraConfig? XLora { get; init; }
     /// <summary>Trainer options (top-level keys, <see cref="TrainingOptions.FromConfig"/>).</summary>
     public TrainingOptions Trainer { get; init; } = new();
     public required DatasetSpec Dataset { get; init; }
@@ -250,6 +256,7 @@ public sealed record TrainingRecipe
             {
                 LoraConfig lora => recipe with { Lora = lora },
                 MixLoraConfig mix => recipe with { MixLora = mix },
+                XLoraConfig xlora => recipe with { XLora = xlora },
                 var other => throw new LoraMixException($"adapter type '{adapterMethod.Name}' ({other.GetType().Name}) cannot be trained by a recipe yet"),
             };
         }
@@ -440,6 +447,9 @@ public sealed record TrainingRecipe
                 RecipeValueKind.String => doc.String(full) is { } s ? JsonValue.Create(s) : null,
                 RecipeValueKind.NonNullString => doc.Has(full) ? JsonValue.Create(doc.NonNullString(full, "")) : null,
                 RecipeValueKind.NonNullBool => doc.Has(full) ? JsonValue.Create(doc.NonNullBool(full, false)) : null,
+                RecipeValueKind.StringMap => doc.StringMap(full) is { } map
+                    ? new JsonObject(map.Select(e => KeyValuePair.Create(e.Name, (JsonNode?)JsonValue.Create(e.Value))))
+                    : null,
                 RecipeValueKind.StringListOrString => doc.IsList(full)
                     ? new JsonArray([.. doc.StringList(full)!.Select(x => (JsonNode?)JsonValue.Create(x))])
                     : doc.String(full) is { } t ? JsonValue.Create(t) : null,

@@ -3,6 +3,7 @@ using System.Text.Json;
 using System.Text.Json.Nodes;
 using LoraMix.Adapters.Lora;
 using LoraMix.Adapters.MixLora;
+using LoraMix.Adapters.XLora;
 using LoraMix.Data;
 using LoraMix.Evaluation;
 using LoraMix.Inference;
@@ -123,6 +124,12 @@ internal static class TrainingRecipeRunner
                     var mixConfig = MixLoraAdapters.Attach(model, r.MixLora!, seed: options.Seed);
                     target = TrainingTarget.MixLora(model, mixConfig);
                     objective = mixObjective = new MixLoraObjective(mixConfig);
+                    break;
+                case RecipeMethod.XLora:
+                    var xconfig = r.XLora!.HiddenSize == 0 ? r.XLora with { HiddenSize = model.Config.HiddenSize } : r.XLora;
+                    var xlora = XLoraAdapters.Create(model, xconfig, seed: options.Seed, source: r.Source + ": adapter");
+                    target = TrainingTarget.XLora(model, xlora);
+                    objective = new XLoraObjective();
                     break;
                 default:
                     target = TrainingTarget.FullFineTune(model);

@@ -489,4 +489,86 @@ public sealed class XLoraTests : IDisposable
             Assert.Equal(string.Join(' ', seq.Skip(prompt.Length)), stdout.Trim().Split('\n')[^1].Trim());
         }
     }
+    [Fact]
+    public void RecipeTrainsTheHeadOnlyLogsScalingsAndWritesALoadableDirectory()
+    {
+        string modelDir = Training.RecipeFixtures.TinyByteModel(Path.Combine(_dir, "model"));
+        WriteExperts(Path.Combine(_dir, "experts"));
+        string data = Training.RecipeFixtures.ChatJsonl(Path.Combine(_dir, "data.jsonl"));
+        string outDir = Path.Combine(_dir, "out");
+        string yaml = $"""
+            model: {modelDir}
+            dataset: {data}
+            output_dir: {outDir}
+            adapter:
+              type: xlora
+              adapters:
+                math: {Path.Combine(_dir, "experts", "math")}
+                code: {Path.Combine(_dir, "experts", "code")}
+              layerwise_scalings: true
+              xlora_depth: 2
+              xlora_size: 16
+            learning_rate: 1.0e-2
+            max_steps: 3
+            batch_size: 4
+            logging_steps: 1
+            """;
+        using var scope = NewDisposeScope();
+        var recipe = LoraMix.Workflows.TrainingRecipe.Parse(LoraMix.Configuration.ConfigDocument.Parse(yaml, "xlora.yaml"));
+        Assert.Equal(LoraMix.Workflows.RecipeMethod.XLora, recipe.Method);
+        var result = recipe.Run();
+        Assert.Equal(3, result.Training.GlobalStep);
+
+        // the saved directory: PEFT config + head, experts beside it, unchanged
+        var json = JsonNode.Parse(File.ReadAllText(Path.Combine(outDir, "adapter_config.json")))!.AsObject();
+        Assert.Equal("XLORA", json["peft_type"]!.GetValue<string>());
+        Assert.Equal(Cfg.HiddenSize, json["hidden_size"]!.GetValue<int>());
+        foreach (var name in new[] { "math", "code" })
+            Assert.Equal(File.ReadAllBytes(Path.Combine(_dir, "experts", name, "adapter_model.safetensors")).Length,
+                         File.ReadAllBytes(Path.Combine(outDir, name, "adapter_model.safetensors")).Length);
+        using var model = LlamaForCausalLM.FromPretrained(modelDir);
+        model.eval();
+        XLoraAdapters.Load(model, outDir, "trained");
+        var trainedHead = XLoraAdapters.Get(model, "trained").Linears[0].weight!.clone();
+        using var fresh = LlamaForCausalLM.FromPretrained(modelDir);
+        var init = XLoraAdapters.Create(fresh, XLoraAdapters.LoadConfig(outDir).Config, "init", outDir, seed: 0);
+        Assert.False(init.Linears[0].weight!.equal(trainedHead).all().item<bool>(), "the head trained");
+        using var expertModel = LlamaForCausalLM.FromPretrained(modelDir);
+        LoraAdapters.Load(expertModel, Path.Combine(_dir, "experts", "math"), "m");
+        var a = LoraAdapters.PeftStateDict(expertModel, "m");
+        var b = LoraAdapters.PeftStateDict(model, "trained#0");
+        Assert.All(a.Zip(b), p => Assert.True(p.First.Value.equal(p.Second.Value).all().item<bool>(), p.First.Key));
+
+        // the metrics log per-expert scalings
+        var lines = File.ReadAllLines(Path.Combine(outDir, "metrics.jsonl")).Select(l => JsonNode.Parse(l)!.AsObject()).Where(o => o.ContainsKey("loss")).ToList();
+        Assert.NotEmpty(lines);
+        Assert.All(lines, o =>
+        {
+            double sum = o["scaling_e0"]!.GetValue<double>() + o["scaling_e1"]!.GetValue<double>();
+            Assert.InRange(sum, 0.999, 1.001);   // softmax over 2 experts
+        });
+    }
+
+    [Fact]
+    public void AnExpertThatBecomesTrainableStopsTraining()
+    {
+        using var scope = NewDisposeScope();
+        var c = new HeadCase(1, 2048, 0.2, false, true, null, false, 1.0, 0.0, 1.0);
+        var experts = WriteExperts(Path.Combine(_dir, "experts"));
+        string xdir = Path.Combine(_dir, "xlora");
+        WriteXLora(xdir, c, XLoraLayout.Peft, experts, Path.Combine(_dir, "experts"));
+        using var model = TestModels.Random(Cfg, BaseSeed);
+        XLoraAdapters.Load(model, xdir, "xl");
+        var target = LoraMix.Training.TrainingTarget.XLora(model, XLoraAdapters.Get(model, "xl"));
+        LoraAdapters.PeftStateDict(model, "xl#1")[0].Value.requires_grad = true;   // what PEFT's set_adapter once did
+        var trainer = new LoraMix.Training.Trainer(target, new LoraMix.Training.TrainingOptions
+        {
+            MaxSteps = 2, BatchSize = 2, LearningRate = 1e-2, OutputDir = Path.Combine(_dir, "train"),
+        }, new LoraMix.Training.XLoraObjective());
+        var examples = Enumerable.Range(0, 4).Select(i => new LoraMix.Training.TrainingExample(
+            TestModels.RandomIds(8, Cfg.VocabSize, i).Select(x => (int)x).ToArray(), Enumerable.Repeat(true, 8).ToArray(), null)).ToList();
+        var e = Assert.Throws<InvalidOperationException>(() => trainer.Train(examples));
+        Assert.Contains("xl#1", e.Message);
+        Assert.Contains("step 1", e.Message);
+    }
 }

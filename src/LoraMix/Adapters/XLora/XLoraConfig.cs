@@ -106,11 +106,14 @@ public sealed record XLoraConfig
     ];
 
     /// <summary>Checks ranges and cross-key rules; throws <see cref="AdapterConfigException"/> naming the key.</summary>
-    public void Validate(string source = "X-LoRA config")
+    public void Validate(string source = "X-LoRA config") => Validate(source, allowUnsetHiddenSize: false);
+
+    private void Validate(string source, bool allowUnsetHiddenSize)
     {
         void Fail(string key, string reason) => throw new AdapterConfigException(source, key, reason);
         string F(double v) => v.ToString(CultureInfo.InvariantCulture);
-        if (HiddenSize < 1 || HiddenSize > MaxHiddenSize) Fail("hidden_size", $"expected an integer in [1, {MaxHiddenSize}], got {HiddenSize}");
+        if (!(allowUnsetHiddenSize && HiddenSize == 0) && (HiddenSize < 1 || HiddenSize > MaxHiddenSize))
+            Fail("hidden_size", $"expected an integer in [1, {MaxHiddenSize}], got {HiddenSize}");
         if (Adapters.Count == 0) Fail("adapters", "is empty; give at least one expert: {\"name\": \"path/to/lora\"}");
         if (Adapters.Count > MaxAdapters) Fail("adapters", $"has {Adapters.Count} experts, more than {MaxAdapters}");
         var seen = new HashSet<string>(StringComparer.Ordinal);
@@ -142,13 +145,20 @@ public sealed record XLoraConfig
     /// a misspelt key would silently fall back to its default.
     /// </summary>
     /// <exception cref="AdapterConfigException">A key is missing, mistyped, out of range or unsupported.</exception>
-    public static XLoraConfig Parse(JsonObject obj, string source, XLoraLayout layout)
+    public static XLoraConfig Parse(JsonObject obj, string source, XLoraLayout layout) => Parse(obj, source, layout, recipe: false);
+
+    /// <summary>A training recipe's <c>adapter:</c> section (no <c>peft_type</c>; <c>hidden_size</c> may be left out: 0, the
+    /// model's).</summary>
+    public static XLoraConfig ParseRecipe(JsonObject obj, string source) => Parse(obj, source, XLoraLayout.Peft, recipe: true);
+
+    private static XLoraConfig Parse(JsonObject obj, string source, XLoraLayout layout, bool recipe)
     {
         var known = layout == XLoraLayout.Peft ? PeftKeys : OriginalKeys;
         foreach (var (key, _) in obj)
             if (!known.Contains(key) && LooksLike(key, known) is { } meant)
                 throw new AdapterConfigException(source, key, $"is not a key LoraMix reads; did you mean \"{meant}\"?");
-        if (layout == XLoraLayout.Peft)
+        if (recipe) { }
+        else if (layout == XLoraLayout.Peft)
         {
             string? peftType = Str(obj, "peft_type", source);
             if (peftType != PeftType)
@@ -162,8 +172,8 @@ public sealed record XLoraConfig
                 throw new AdapterConfigException(source, "stop_token_id", "belongs to the package's early sequence-level design, not supported; remove it");
         }
 
-        int hidden = Int(obj, "hidden_size", source) ?? throw new AdapterConfigException(source, "hidden_size",
-            "is missing; give the base model's hidden size (PEFT would assume 4096)");
+        int hidden = Int(obj, "hidden_size", source) ?? (recipe ? 0 : throw new AdapterConfigException(source, "hidden_size",
+            "is missing; give the base model's hidden size (PEFT would assume 4096)"));
         var cfg = new XLoraConfig
         {
             HiddenSize = hidden,
@@ -186,7 +196,7 @@ public sealed record XLoraConfig
             TaskType = layout == XLoraLayout.Peft ? Str(obj, "task_type", source) ?? "CAUSAL_LM" : "CAUSAL_LM",
             InferenceMode = layout == XLoraLayout.Peft ? Bool(obj, "inference_mode", source) ?? true : true,
         };
-        cfg.Validate(source);
+        cfg.Validate(source, allowUnsetHiddenSize: recipe);
         return cfg;
     }
 
