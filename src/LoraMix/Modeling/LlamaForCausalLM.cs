@@ -197,40 +197,58 @@ public sealed partial class LlamaForCausalLM : nn.Module
                     scalingSelection.IsBase ? null : scalingSelection).detach();
         }
 
-        var items = new Dictionary<string, (IScalingPassAdapter, Tensor)>(StringComparer.Ordinal);
-        foreach (var adapter in scaled.Where(a => a is not null).Distinct())
+        // The scalings are made inside the scaled pass's call, after its routing context has begun the step: the
+        // privileged policy reads that step's labels and the sequence's state.
+        ScalingSet MakeScalings()
         {
-            var rows = Enumerable.Range(0, (int)b).Where(r => scaled[r] == adapter).ToArray();
-            var live = rows.Where(NeedsPass).ToArray();
-            Tensor? full = null;
-            if (live.Length > 0)
+            var items = new Dictionary<string, (IScalingPassAdapter, Tensor)>(StringComparer.Ordinal);
+            foreach (var adapter in scaled.Where(a => a is not null).Distinct())
             {
-                var index = tensor(live.Select(r => (long)r).ToArray(), device: Device);
-                var s = adapter!.Scalings(hidden!.index_select(0, index));                       // [R, T, L, N]
-                full = zeros([b, t, s.shape[2], s.shape[3]], dtype: s.dtype, device: Device).index_copy(0, index, s);
+                var rows = Enumerable.Range(0, (int)b).Where(r => scaled[r] == adapter).ToArray();
+                var live = rows.Where(NeedsPass).ToArray();
+                var policy = routing?.Policy ?? adapter!.Policy;
+                Tensor? full = null;
+                if (live.Length > 0)
+                {
+                    var index = tensor(live.Select(r => (long)r).ToArray(), device: Device);
+                    var rowHidden = hidden!.index_select(0, index);
+                    Tensor s;
+                    if (policy is PrivilegedRouterPolicy privileged)
+                    {
+                        if (routing?.PrivilegeLabels is null)
+                            throw new InvalidOperationException($"X-LoRA adapter '{adapter!.Name}' uses router_policy {policy.Describe()}, which needs privilege " +
+                                                                "labels on every token, and this call has none; give a chat (the renderer labels each token) " +
+                                                                "or a RoutingContext with SetPrivileges, or use router_policy free");
+                        s = PrivilegedScalings.Freeze(privileged, routing, adapter!.Name, rowHidden, live, adapter.NumModules, adapter.NumExperts, adapter.Scalings);
+                    }
+                    else if (!policy.FreezesOnUntrusted) s = adapter!.Scalings(rowHidden);                                   // [R, T, L, N]
+                    else throw new NotSupportedException($"router policy '{policy.Name}' is not supported for X-LoRA scalings");
+                    full = zeros([b, t, s.shape[2], s.shape[3]], dtype: s.dtype, device: Device).index_copy(0, index, s);
+                }
+                foreach (int r in rows.Where(r => !NeedsPass(r)))
+                {
+                    var frozen = state!.Frozen[r]!;                                                   // [1, L, N]
+                    full ??= zeros([b, t, frozen.shape[1], frozen.shape[2]], dtype: frozen.dtype, device: Device);
+                    full = full.index_copy(0, tensor(new long[] { r }, device: Device), frozen.unsqueeze(0).expand(1, t, -1, -1));
+                }
+                items[adapter!.Name] = (adapter, full!);
             }
-            foreach (int r in rows.Where(r => !NeedsPass(r)))
-            {
-                var frozen = state!.Frozen[r]!;                                                   // [1, L, N]
-                full ??= zeros([b, t, frozen.shape[1], frozen.shape[2]], dtype: frozen.dtype, device: Device);
-                full = full.index_copy(0, tensor(new long[] { r }, device: Device), frozen.unsqueeze(0).expand(1, t, -1, -1));
-            }
-            items[adapter!.Name] = (adapter, full!);
+
+            if (state is not null)
+                foreach (var (adapter, full) in items.Values)
+                    for (int r = 0; r < b; r++)
+                    {
+                        if (scaled[r] != adapter || state.IsFrozen(r)) continue;
+                        if (t == 1) state.DecodeSteps[r]++;
+                        if (state.NonGranularIndex[r] is int k && state.DecodeSteps[r] == k)
+                            state.Frozen[r] = full.narrow(0, r, 1).narrow(1, t - 1, 1).squeeze(0).detach().clone().DetachFromDisposeScope();
+                    }
+            if (routing?.OnScalings is { } observe)
+                foreach (var (name, (_, full)) in items) observe(name, full.detach());
+            return new ScalingSet(items);
         }
 
-        if (state is not null)
-            foreach (var (_, adapter, full) in items.Select(kv => (kv.Key, kv.Value.Item1, kv.Value.Item2)))
-                for (int r = 0; r < b; r++)
-                {
-                    if (scaled[r] != adapter || state.IsFrozen(r)) continue;
-                    if (t == 1) state.DecodeSteps[r]++;
-                    if (state.NonGranularIndex[r] is int k && state.DecodeSteps[r] == k)
-                        state.Frozen[r] = full.narrow(0, r, 1).narrow(1, t - 1, 1).squeeze(0).detach().clone().DetachFromDisposeScope();
-                }
-
-        if (routing?.OnScalings is { } observe)
-            foreach (var (name, (_, full)) in items) observe(name, full.detach());
-        return ForwardCore(inputEmbeddings, cache, attentionMask, routing, adapters, new ScalingSet(items)).MoveToOuterDisposeScope();
+        return ForwardCore(inputEmbeddings, cache, attentionMask, routing, adapters, MakeScalings).MoveToOuterDisposeScope();
     }
 
     private readonly Dictionary<string, string> _adapters = new(StringComparer.Ordinal);
@@ -274,7 +292,7 @@ public sealed partial class LlamaForCausalLM : nn.Module
 
     /// <summary>One forward call of every layer (the body of <see cref="ForwardEmbeddings"/>).</summary>
     internal Tensor ForwardCore(Tensor inputEmbeddings, KvCache? cache, Tensor? attentionMask, RoutingContext? routing,
-        AdapterSelection? adapters, ScalingSet? scalings = null)
+        AdapterSelection? adapters, Func<ScalingSet>? scalings = null)
     {
         long b = inputEmbeddings.shape[0], t = inputEmbeddings.shape[1];
         using var scope = NewDisposeScope();
@@ -337,7 +355,7 @@ public sealed partial class LlamaForCausalLM : nn.Module
         var ctx = new ForwardContext
         {
             Cos = cos, Sin = sin, AttentionMask = attnMask, IsCausal = causal, Cache = cache, Start = start,
-            TokenMask = mask, Routing = routing, Adapters = AdapterBatch.Resolve(adapters, b, Device), Scalings = scalings,
+            TokenMask = mask, Routing = routing, Adapters = AdapterBatch.Resolve(adapters, b, Device), Scalings = scalings?.Invoke(),
         };
         var h = _model.EmbedTokens.AddPrivileges(inputEmbeddings.to(Device), routing?.PrivilegeLabels, ctx.Adapters);
         foreach (var layer in _model.Layers) h = layer.call(h, ctx);

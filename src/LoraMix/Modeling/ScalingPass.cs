@@ -27,6 +27,12 @@ public interface IScalingPassAdapter
     /// at all) or every expert at weight <c>scaling_pass_value · g</c>.</summary>
     AdapterChoice ScalingPassChoice { get; }
 
+    /// <summary>The adapter's router policy for its scalings (<c>free</c> or <c>privileged</c>).</summary>
+    Routing.IRouterPolicy Policy { get; }
+
+    /// <summary>Number of experts N.</summary>
+    int NumExperts => Experts.Count;
+
     /// <summary>The module index l of <paramref name="slot"/>, or -1 when the adapter does not wrap it.</summary>
     int ModuleIndex(LinearSlot slot);
 

@@ -118,6 +118,62 @@ public sealed class PrivilegedRouterPolicy : IRouterPolicy
     }
 }
 
+/// <summary>The privileged policy applied to a scaling head (X-LoRA): the same frame, state and snapshots as
+/// <see cref="PrivilegedRouterPolicy.Route"/>, over per-token scaling vectors instead of router distributions.</summary>
+public static class PrivilegedScalings
+{
+    /// <summary>
+    /// Scalings <c>[R, T, L, N]</c> for rows <paramref name="rows"/> of the current forward call under
+    /// <paramref name="policy"/>: each row's privileged-prefix tokens get the head's own scalings, computed from their
+    /// hidden states only (<paramref name="head"/> maps <c>[1, n, hidden]</c> to <c>[1, n, L, N]</c>); every real token
+    /// from the row's first untrusted token on — later turns and generated tokens included — gets the snapshot (the last
+    /// privileged token's scalings, or their mean with <see cref="PrivilegedSnapshot.Pooled"/>; uniform 1/N when the
+    /// row has none). The head never reads a frozen token's hidden state. Call once per forward call and adapter, after
+    /// <see cref="RoutingContext.BeginForward"/>.
+    /// </summary>
+    /// <param name="policy">The privileged policy (its snapshot kind).</param>
+    /// <param name="routing">The call's routing context: labels and the sequence's policy state.</param>
+    /// <param name="adapter">The adapter's name (its snapshot is kept under it).</param>
+    /// <param name="hidden">The scaling pass's hidden states of the rows <c>[R, T, hidden]</c>.</param>
+    /// <param name="rows">The rows of the call (ascending) that <paramref name="hidden"/> holds.</param>
+    /// <param name="modules">L, the scalings' module axis.</param>
+    /// <param name="experts">N, the number of experts.</param>
+    /// <param name="head">The scaling head.</param>
+    public static Tensor Freeze(PrivilegedRouterPolicy policy, RoutingContext routing, string adapter, Tensor hidden, int[] rows,
+        int modules, int experts, Func<Tensor, Tensor> head)
+    {
+        long r = hidden.shape[0], t = hidden.shape[1], h = hidden.shape[2];
+        int e = modules * experts;
+        var device = hidden.device;
+        var state = PrivilegedRoutingState.For(routing, routing.Batch);
+        var frame = state.Frame(routing, routing.TokenMask, routing.Batch, t, device);
+        bool all = rows.Length == routing.Batch;
+        if (!all) frame = frame.Select(rows, device);
+        var uniform = full([r * t, e], 1.0 / experts, dtype: ScalarType.Float32, device: device);
+        var own = uniform;
+        if (frame.RoutedCount > 0)
+        {
+            var selected = hidden.reshape(r * t, h).index_select(0, frame.RoutedIndex).unsqueeze(0);     // the routed tokens only
+            var s = head(selected).reshape(frame.RoutedCount, e);
+            own = uniform.to(s.dtype).index_copy(0, frame.RoutedIndex, s);
+            uniform = uniform.to(s.dtype);
+        }
+        var dtype = own.dtype;
+        var routedMask = frame.Routed;                                                                  // [R, T]
+        var layer = state.Layer(adapter, -1, state.Batch, e, dtype, device, start: 1.0 / experts);   // uniform over the experts
+        var rowIndex = all ? null : tensor(rows.Select(x => (long)x).ToArray(), device: device);
+        var (layerLast, layerSum) = rowIndex is null ? (layer.Last, layer.Sum) : (layer.Last.index_select(0, rowIndex), layer.Sum.index_select(0, rowIndex));
+        var last = frame.RoutedCount == 0 ? layerLast
+            : where(frame.HasNewRouted.unsqueeze(1), own.index_select(0, frame.LastRoutedIndex), layerLast);
+        var sum = frame.RoutedCount == 0 ? layerSum : layerSum + (own.view(r, t, e) * routedMask.unsqueeze(-1).to(dtype)).sum(1);
+        var snapshot = policy.Snapshot == PrivilegedSnapshot.Last ? last
+            : where(frame.PooledCount.unsqueeze(1) > 0, sum / frame.PooledCount.clamp_min(1).unsqueeze(1).to(dtype), uniform.narrow(0, 0, r));
+        layer.Store(frame.RoutedCount > 0 ? (last, sum) : null, routing.Steps, rowIndex);
+        var result = where(routedMask.unsqueeze(-1), own.view(r, t, e), snapshot.unsqueeze(1).expand(r, t, e));
+        return result.view(r, t, modules, experts);
+    }
+}
+
 /// <summary>
 /// The privileged policy's state for one batch of sequences, kept in <see cref="RoutingContext.PolicyState"/> for the
 /// life of the KV cache: which rows have frozen (and where), how many privileged tokens each row has routed, and per
@@ -398,14 +454,15 @@ public sealed class PrivilegedRoutingState : IDisposable
     }
 
     /// <summary>The snapshot of <paramref name="adapter"/>'s router in <paramref name="layer"/> (each adapter's routers
-    /// keep their own; rows that never route that adapter keep the uniform start).</summary>
-    internal LayerSnapshot Layer(string? adapter, int layer, long b, int e, ScalarType dtype, Device device)
+    /// keep their own; rows that never route that adapter keep the uniform start, 1/<paramref name="e"/> or
+    /// <paramref name="start"/>). X-LoRA scalings use layer -1.</summary>
+    internal LayerSnapshot Layer(string? adapter, int layer, long b, int e, ScalarType dtype, Device device, double? start = null)
     {
         var key = (adapter ?? "", layer);
         if (!_layers.TryGetValue(key, out var s))
             _layers[key] = s = new LayerSnapshot
             {
-                Last = full([b, e], 1.0 / e, dtype: dtype, device: device).DetachFromDisposeScope(),
+                Last = full([b, e], start ?? 1.0 / e, dtype: dtype, device: device).DetachFromDisposeScope(),
                 Sum = zeros([b, e], dtype: dtype, device: device).DetachFromDisposeScope(),
             };
         if (s.Last.shape[1] != e) throw new InvalidOperationException($"privileged routing: layer {layer} had {s.Last.shape[1]} experts and now has {e}");

@@ -70,6 +70,9 @@ public sealed class XLoraAdapter : nn.Module, IScalingPassAdapter
     public double GlobalScalingWeight => Config.GlobalScalingWeight;
     public AdapterChoice ScalingPassChoice { get; }
 
+    /// <summary>The scalings' router policy (<see cref="XLoraConfig.RouterPolicy"/>).</summary>
+    public Routing.IRouterPolicy Policy => Config.CreatePolicy();
+
     /// <summary>The head's linear layers, first to last.</summary>
     public IReadOnlyList<Linear> Linears => [.. _linears];
 

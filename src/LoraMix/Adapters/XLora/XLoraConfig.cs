@@ -1,6 +1,7 @@
 using System.Globalization;
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using LoraMix.Adapters.MixLora;
 
 namespace LoraMix.Adapters.XLora;
 
@@ -69,6 +70,19 @@ public sealed record XLoraConfig
     /// then computed from the experts' targets, and written on save).</summary>
     public IReadOnlyList<string>? ModuleOrder { get; init; }
 
+    /// <summary>LoraMix's <c>router_policy</c> for the scaling head: <c>free</c> (X-LoRA as published: every token's own
+    /// scalings) or <c>privileged</c> (scalings frozen from each row's first untrusted token on, from a snapshot of the
+    /// privileged tokens before it; the same policy code as MixLoRA's router, <see cref="Routing.PrivilegedRouterPolicy"/>).</summary>
+    public string RouterPolicy { get; init; } = MixLoraConfig.FreePolicy;
+
+    /// <summary><c>privileged_snapshot</c>: <c>last</c> (the last privileged token's scalings) or <c>pooled</c> (their mean).</summary>
+    public string PrivilegedSnapshot { get; init; } = MixLoraConfig.LastSnapshot;
+
+    /// <summary>The policy object for <see cref="RouterPolicy"/> and <see cref="PrivilegedSnapshot"/>.</summary>
+    public Routing.IRouterPolicy CreatePolicy() => RouterPolicy == MixLoraConfig.PrivilegedPolicy
+        ? PrivilegedSnapshot == MixLoraConfig.PooledSnapshot ? Routing.PrivilegedRouterPolicy.Pooled : Routing.PrivilegedRouterPolicy.Last
+        : Routing.FreeRouterPolicy.Instance;
+
     public string? BaseModelNameOrPath { get; init; }
     public string TaskType { get; init; } = "CAUSAL_LM";
     public bool InferenceMode { get; init; } = true;
@@ -94,7 +108,7 @@ public sealed record XLoraConfig
         "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
         "hidden_size", "adapters", "enable_softmax", "enable_softmax_topk", "layerwise_scalings", "xlora_depth", "xlora_size",
         "xlora_dropout_p", "use_trainable_adapters", "softmax_temperature", "top_k_lora", "scaling_pass_value",
-        "global_scaling_weight", "module_order",
+        "global_scaling_weight", "module_order", "router_policy", "privileged_snapshot",
     ];
 
     /// <summary>The keys of the original package's <c>xlora_config.json</c>.</summary>
@@ -103,6 +117,7 @@ public sealed record XLoraConfig
         "base_model_id", "hidden_size", "adapters", "enable_softmax", "enable_softmax_topk", "layerwise_scalings", "xlora_depth",
         "xlora_size", "xlora_dropout_p", "use_trainable_adapters", "softmax_temperature", "top_k_lora", "scaling_pass_value",
         "global_scaling_weight", "enable_relu_and_dropout", "use_bias", "stop_token_id", "use_mean_pool", "module_order",
+        "router_policy", "privileged_snapshot",
     ];
 
     /// <summary>Checks ranges and cross-key rules; throws <see cref="AdapterConfigException"/> naming the key.</summary>
@@ -132,6 +147,12 @@ public sealed record XLoraConfig
             Fail("top_k_lora", $"expected an integer in [1, {Adapters.Count}] (the number of experts) or null, got {k}");
         if (!double.IsFinite(ScalingPassValue)) Fail("scaling_pass_value", $"expected a finite number, got {F(ScalingPassValue)}");
         if (!double.IsFinite(GlobalScalingWeight)) Fail("global_scaling_weight", $"expected a finite number, got {F(GlobalScalingWeight)}");
+        var policies = MixLoraConfig.RouterPolicies;
+        var snapshots = MixLoraConfig.PrivilegedSnapshots;
+        if (!policies.Contains(RouterPolicy)) Fail("router_policy", $"'{RouterPolicy}' is not supported; use one of {string.Join(", ", policies)}");
+        if (!snapshots.Contains(PrivilegedSnapshot)) Fail("privileged_snapshot", $"'{PrivilegedSnapshot}' is not supported; use one of {string.Join(", ", snapshots)}");
+        if (RouterPolicy != MixLoraConfig.PrivilegedPolicy && PrivilegedSnapshot != MixLoraConfig.LastSnapshot)
+            Fail("privileged_snapshot", $"applies to router_policy \"privileged\" only, but router_policy is \"{RouterPolicy}\"");
         if (ModuleOrder is { } order)
         {
             if (order.Count == 0) Fail("module_order", "is empty");
@@ -192,6 +213,8 @@ public sealed record XLoraConfig
             EnableReluAndDropout = layout == XLoraLayout.Original ? Bool(obj, "enable_relu_and_dropout", source) ?? true : true,
             UseBias = layout == XLoraLayout.Original ? Bool(obj, "use_bias", source) ?? true : true,
             ModuleOrder = StrList(obj, "module_order", source),
+            RouterPolicy = NonNullStr(obj, "router_policy", source) ?? MixLoraConfig.FreePolicy,
+            PrivilegedSnapshot = NonNullStr(obj, "privileged_snapshot", source) ?? MixLoraConfig.LastSnapshot,
             BaseModelNameOrPath = Str(obj, layout == XLoraLayout.Peft ? "base_model_name_or_path" : "base_model_id", source),
             TaskType = layout == XLoraLayout.Peft ? Str(obj, "task_type", source) ?? "CAUSAL_LM" : "CAUSAL_LM",
             InferenceMode = layout == XLoraLayout.Peft ? Bool(obj, "inference_mode", source) ?? true : true,
@@ -248,6 +271,8 @@ public sealed record XLoraConfig
             ["xlora_dropout_p"] = XLoraDropoutP,
             ["xlora_size"] = XLoraSize,
         };
+        if (RouterPolicy != MixLoraConfig.FreePolicy) fields["router_policy"] = RouterPolicy;
+        if (PrivilegedSnapshot != MixLoraConfig.LastSnapshot) fields["privileged_snapshot"] = PrivilegedSnapshot;
         var obj = new JsonObject();
         foreach (var (k, v) in fields) obj[k] = v;
         return obj.ToJsonString(new JsonSerializerOptions { WriteIndented = true, IndentSize = 2 });
@@ -277,6 +302,8 @@ public sealed record XLoraConfig
             ["xlora_dropout_p"] = XLoraDropoutP,
             ["xlora_size"] = XLoraSize,
         };
+        if (RouterPolicy != MixLoraConfig.FreePolicy) obj["router_policy"] = RouterPolicy;
+        if (PrivilegedSnapshot != MixLoraConfig.LastSnapshot) obj["privileged_snapshot"] = PrivilegedSnapshot;
         return obj.ToJsonString(new JsonSerializerOptions { WriteIndented = true, IndentSize = 2 });
     }
 
@@ -315,6 +342,15 @@ public sealed record XLoraConfig
         if (!o.TryGetPropertyValue(key, out var n) || n is null) return null;
         return n.GetValueKind() == JsonValueKind.String ? n.GetValue<string>()
             : throw new AdapterConfigException(source, key, $"expected a string, got {InputFiles.Shorten(n.ToJsonString())}");
+    }
+
+    /// <summary>A string, or null when absent; an explicit null is an error (a key whose silent default would weaken the
+    /// routing guarantee).</summary>
+    private static string? NonNullStr(JsonObject o, string key, string source)
+    {
+        if (o.TryGetPropertyValue(key, out var n) && n is null)
+            throw new AdapterConfigException(source, key, "is null; write a value (or leave the key out for the default)");
+        return Str(o, key, source);
     }
 
     private static bool? Bool(JsonObject o, string key, string source)

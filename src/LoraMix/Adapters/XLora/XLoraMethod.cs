@@ -21,6 +21,7 @@ public sealed class XLoraMethod : IAdapterMethod
         new("top_k_lora", RecipeValueKind.Int), new("xlora_depth", RecipeValueKind.Int), new("xlora_size", RecipeValueKind.Int),
         new("xlora_dropout_p", RecipeValueKind.Number), new("use_trainable_adapters", RecipeValueKind.Bool),
         new("scaling_pass_value", RecipeValueKind.Number), new("global_scaling_weight", RecipeValueKind.Number),
+        new("router_policy", RecipeValueKind.NonNullString), new("privileged_snapshot", RecipeValueKind.NonNullString),
     ];
 
     /// <summary>Never: PEFT always writes <c>peft_type</c> for X-LoRA.</summary>
