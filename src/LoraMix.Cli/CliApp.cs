@@ -38,6 +38,7 @@ public static class CliApp
         root.Subcommands.Add(TrainCommands.Eval());
         root.Subcommands.Add(TrainCommands.Merge());
         root.Subcommands.Add(RoutingCommands.InspectRouting());
+        root.Subcommands.Add(RoutingCommands.InspectScalings());
         root.Subcommands.Add(SecurityEvalCommand.Create());
         return root;
     }

@@ -84,6 +84,111 @@ internal static class RoutingCommands
         return cmd;
     }
 
+    public const string ScalingsFileName = "scalings.json";
+
+    /// <summary><c>inspect-scalings</c>: an X-LoRA adapter's per-token scalings over a conversation, as JSON and one heatmap
+    /// per expert.</summary>
+    public static Command InspectScalings()
+    {
+        var model = ModelCommands.ModelOption();
+        var adapter = new Option<string>("--adapter") { Description = "An X-LoRA directory (PEFT layout or the xlora package's).", Required = true };
+        var chat = new Option<string?>("--chat") { Description = "A JSON file: a list of {\"role\", \"content\"} (roles system, user, assistant, tool, data)." };
+        var prompt = new Option<string?>("--prompt") { Description = "A single user message (instead of --chat)." };
+        var output = new Option<string>("--out", "-o") { Description = $"Output directory for {ScalingsFileName} and one scalings-<expert>.png per expert.", Required = true };
+        var policy = new Option<string?>("--router-policy") { Description = "Freeze the scalings with this policy instead of the adapter's router_policy: free or privileged." };
+        policy.AcceptOnlyFromAmong([.. MixLoraConfig.RouterPolicies]);
+        var snapshot = new Option<string?>("--privileged-snapshot") { Description = "Snapshot of the privileged policy: last or pooled." };
+        snapshot.AcceptOnlyFromAmong([.. MixLoraConfig.PrivilegedSnapshots]);
+        var template = new Option<string?>("--template") { Description = $"Chat template: {string.Join(", ", ChatTemplate.Names)} (default: from tokenizer_config.json)." };
+        var generate = new Option<int>("--generate") { Description = "Greedy tokens to generate and trace after the prompt (default 0: the prompt only).", DefaultValueFactory = _ => 0 };
+        var ignoreEos = new Option<bool>("--ignore-eos") { Description = "Generate all --generate tokens: do not stop at EOS or end-of-turn tokens." };
+        var device = ModelCommands.DeviceOption();
+        var dtype = ModelCommands.DTypeOption("f32");
+        var cmd = new Command("inspect-scalings",
+            $"Trace an X-LoRA adapter's scalings over a conversation (and greedy continuation): per token, wrapped module and expert, " +
+            $"with privilege labels, in {ScalingsFileName}, and a token x module heatmap per expert (scalings-<expert>.png).")
+        {
+            model, adapter, chat, prompt, output, policy, snapshot, template, generate, ignoreEos, device, dtype,
+        };
+        cmd.Validators.Add(r =>
+        {
+            if (r.GetValue(generate) < 0) r.AddError("--generate must be 0 or more");
+            if ((r.GetValue(chat) is null) == (r.GetValue(prompt) is null)) r.AddError("give exactly one of --chat FILE and --prompt TEXT");
+        });
+        cmd.SetAction(p =>
+        {
+            string adapterDir = p.GetValue(adapter)!, outDir = p.GetValue(output)!;
+            var messages = p.GetValue(chat) is { } chatFile ? ChatFile.Load(chatFile) : [ChatMessage.User(p.GetValue(prompt)!)];
+            var xlora = AdapterMethods.XLora;
+            var method = AdapterMethods.Detect(adapterDir);
+            if (method != xlora)
+                throw new LoraMixException($"{adapterDir} is a {method.DisplayName} adapter, but inspect-scalings needs an {xlora.DisplayName} adapter " +
+                                           $"(peft_type {xlora.PeftType}){(method == AdapterMethods.MixLora ? "; for MixLoRA use inspect-routing" : "")}");
+            var config = (Adapters.XLora.XLoraConfig)xlora.LoadConfig(adapterDir);
+            string? policyName = p.GetValue(policy), snap = p.GetValue(snapshot);
+            IRouterPolicy? policyOverride = null;
+            if (policyName is not null || snap is not null)
+            {
+                string name = policyName ?? config.RouterPolicy;
+                if (name != MixLoraConfig.PrivilegedPolicy && snap is not null)
+                    throw new LoraMixException($"--privileged-snapshot applies to the privileged policy only, but the policy is '{name}'; add --router-policy privileged");
+                policyOverride = (config with { RouterPolicy = name, PrivilegedSnapshot = snap ?? MixLoraConfig.LastSnapshot }).CreatePolicy();
+            }
+            if (File.Exists(outDir)) throw new LoraMixException($"--out {outDir} is a file; give a directory");
+            var dev = TorchRuntime.ParseDevice(p.GetValue(device)!);
+            var dt = TorchRuntime.ParseDType(p.GetValue(dtype)!);
+
+            using var engine = ChatEngine.Load(p.GetValue(model)!, new EngineOptions
+            {
+                Device = dev, DType = dt, Adapters = [adapterDir], Template = p.GetValue(template), RouterPolicy = policyOverride,
+            });
+            var result = engine.TraceScalings(messages, p.GetValue(generate), stopAtStopTokens: !p.GetValue(ignoreEos));
+
+            Directory.CreateDirectory(outDir);
+            var written = new List<string>();
+            var pieces = result.Tokens.Select(t => t.Piece).ToList();
+            var privileges = result.Tokens.Select(t => t.Privilege).ToList();
+            double min = config.EnableSoftmax || config.EnableSoftmaxTopk ? 0 : result.Tokens.Min(t => t.Scalings.Min());
+            double max = config.EnableSoftmax || config.EnableSoftmaxTopk ? 1 : result.Tokens.Max(t => t.Scalings.Max());
+            var moduleLabels = result.Modules.Select(ShortModule).ToList();
+            var used = new HashSet<string>(StringComparer.Ordinal);
+            for (int i = 0; i < result.Experts.Count; i++)
+            {
+                string stem = SafeFileStem(result.Experts[i], i);
+                if (!used.Add(stem)) stem = $"{stem}-{i}";
+                string png = Path.GetFullPath(Path.Combine(outDir, $"scalings-{stem}.png"));
+                RoutingHeatmap.WriteValues(png, result.ExpertMap(i), moduleLabels, min, max, "scaling", pieces, privileges,
+                    $"X-LoRA scalings of expert {i} '{result.Experts[i]}' ({result.Policy.Describe()})", "module");
+                written.Add(png);
+            }
+            string jsonPath = Path.GetFullPath(Path.Combine(outDir, ScalingsFileName));
+            byte[] json = result.ToJson();
+            AtomicFile.Write(jsonPath, s => s.Write(json));
+
+            var o = p.InvocationConfiguration.Output;
+            o.WriteLine($"{result.Tokens.Count} tokens ({result.PromptTokens} prompt + {result.GeneratedTokens} generated), " +
+                        $"{result.Modules.Count} wrapped modules, {result.Experts.Count} experts");
+            o.WriteLine($"router policy: {result.Policy.Describe()} ({(policyOverride is null ? "the adapter's router_policy" : "from the command line")})");
+            o.WriteLine(result.FirstUntrustedPosition >= 0
+                ? $"first untrusted token: {result.FirstUntrustedPosition}" + (result.Policy is PrivilegedRouterPolicy ? " (scalings frozen from there on)" : "")
+                : "no untrusted token (no tool or data message)");
+            o.WriteLine($"wrote {jsonPath}");
+            foreach (var png in written) o.WriteLine($"wrote {png}");
+            return 0;
+        });
+        return cmd;
+
+        static string ShortModule(string path) =>
+            path.StartsWith("model.layers.", StringComparison.Ordinal) && path.Split('.') is [_, _, var layer, _, var proj]
+                ? $"L{layer}.{proj.Replace("_proj", "", StringComparison.Ordinal)}" : path;
+
+        static string SafeFileStem(string name, int index)
+        {
+            var chars = name.Select(c => char.IsAsciiLetterOrDigit(c) || c is '-' or '_' ? c : '_').ToArray();
+            return chars.Length == 0 ? $"expert{index}" : new string(chars);
+        }
+    }
+
     /// <summary><c>--router-policy</c> and <c>--privileged-snapshot</c>, shared by every verb that runs a MixLoRA adapter
     /// (generate, chat, eval, inspect-routing), and the notice of the active policy.</summary>
     internal sealed class RouterPolicyOptions

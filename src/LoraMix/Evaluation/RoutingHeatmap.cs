@@ -26,19 +26,49 @@ public static class RoutingHeatmap
         if (privileges is not null && privileges.Count != tokens)
             throw new ArgumentException($"{privileges.Count} privileges for {tokens} tokens", nameof(privileges));
 
-        // ScottPlot draws data row r at y = rows − 1 − r (row 0 on top): put layer 0 in the last row, at y = 0.
-        var data = new double[layers, tokens];
+        var values = new double[layers, tokens];
         for (int l = 0; l < layers; l++)
             for (int t = 0; t < tokens; t++)
-                data[layers - 1 - l, t] = experts[l, t] < 0 ? double.NaN : experts[l, t];
+                values[l, t] = experts[l, t] < 0 ? double.NaN : experts[l, t];
+        Draw(path, values, Enumerable.Range(0, layers).Select(l => $"L{l}").ToList(), 0, Math.Max(1, numExperts - 1), "expert",
+            tokenLabels, privileges, title, "layer");
+    }
+
+    /// <summary>
+    /// Writes a heatmap of continuous values <c>[row, token]</c> (e.g. one X-LoRA expert's scalings per wrapped module and
+    /// token), with untrusted spans shaded as in <see cref="Write"/>; the colour scale spans [<paramref name="min"/>,
+    /// <paramref name="max"/>]. Row 0 is drawn at the bottom.
+    /// </summary>
+    public static void WriteValues(string path, double[,] values, IReadOnlyList<string> rowLabels, double min, double max, string valueLabel,
+        IReadOnlyList<string>? tokenLabels, IReadOnlyList<Privilege>? privileges, string title, string rowAxis)
+    {
+        ArgumentNullException.ThrowIfNull(values);
+        if (rowLabels.Count != values.GetLength(0))
+            throw new ArgumentException($"{rowLabels.Count} row labels for {values.GetLength(0)} rows", nameof(rowLabels));
+        if (tokenLabels is not null && tokenLabels.Count != values.GetLength(1))
+            throw new ArgumentException($"{tokenLabels.Count} token labels for {values.GetLength(1)} tokens", nameof(tokenLabels));
+        if (privileges is not null && privileges.Count != values.GetLength(1))
+            throw new ArgumentException($"{privileges.Count} privileges for {values.GetLength(1)} tokens", nameof(privileges));
+        Draw(path, values, rowLabels, min, max == min ? min + 1 : max, valueLabel, tokenLabels, privileges, title, rowAxis);
+    }
+
+    private static void Draw(string path, double[,] values, IReadOnlyList<string> rowLabels, double min, double max, string valueLabel,
+        IReadOnlyList<string>? tokenLabels, IReadOnlyList<Privilege>? privileges, string title, string rowAxis)
+    {
+        int rows = values.GetLength(0), tokens = values.GetLength(1);
+        // ScottPlot draws data row r at y = rows − 1 − r (row 0 on top): put row 0 in the last data row, at y = 0.
+        var data = new double[rows, tokens];
+        for (int l = 0; l < rows; l++)
+            for (int t = 0; t < tokens; t++)
+                data[rows - 1 - l, t] = values[l, t];
 
         var plot = new ScottPlot.Plot();
         var hm = plot.Add.Heatmap(data);
         hm.Colormap = new ScottPlot.Colormaps.Turbo();
-        hm.ManualRange = new ScottPlot.Range(0, Math.Max(1, numExperts - 1));
+        hm.ManualRange = new ScottPlot.Range(min, max);
         hm.NaNCellColor = ScottPlot.Colors.White;
         var bar = plot.Add.ColorBar(hm);
-        bar.Label = "expert";
+        bar.Label = valueLabel;
 
         if (privileges is not null)
         {
@@ -62,13 +92,15 @@ public static class RoutingHeatmap
             plot.Axes.Bottom.TickLabelStyle.Rotation = 90;
             plot.Axes.Bottom.TickLabelStyle.Alignment = ScottPlot.Alignment.MiddleLeft;
         }
-        var layerTicks = Enumerable.Range(0, layers).Select(l => new ScottPlot.Tick(l, $"L{l}")).ToArray();   // data row r is drawn at y = rows − 1 − r
-        plot.Axes.Left.TickGenerator = new ScottPlot.TickGenerators.NumericManual(layerTicks);
+        // label every row when there are few, else every k-th (a 32-layer model has 224 wrapped modules)
+        int every = Math.Max(1, rows / 48);
+        var rowTicks = Enumerable.Range(0, rows).Where(l => l % every == 0).Select(l => new ScottPlot.Tick(l, rowLabels[l])).ToArray();
+        plot.Axes.Left.TickGenerator = new ScottPlot.TickGenerators.NumericManual(rowTicks);
         plot.Title(title);
         plot.XLabel("token");
-        plot.YLabel("layer");
+        plot.YLabel(rowAxis);
         int width = Math.Clamp(220 + tokens * 14, 640, 2400);
-        int height = Math.Clamp(260 + layers * 28, 360, 1400);
+        int height = Math.Clamp(260 + Math.Min(rows, 48) * 28, 360, 1600);
         var bytes = plot.GetImageBytes(width, height, ScottPlot.ImageFormat.Png);
         AtomicFile.Write(path, s => s.Write(bytes));
     }

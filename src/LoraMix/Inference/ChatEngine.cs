@@ -209,6 +209,15 @@ public sealed class ChatEngine : IDisposable
                                            "on every token, and raw token ids have none; give a chat (generate --chat, or chat) so that the " +
                                            "renderer labels each token, or route with --router-policy free");
         }
+        foreach (var name in selection.Names)
+        {
+            if (Model.ScalingAdapter(name) is not { } x) continue;
+            var policy = RouterPolicyOverride ?? x.Policy;
+            if (policy.FreezesOnUntrusted)
+                throw new InvalidOperationException($"the X-LoRA adapter '{name}' freezes its scalings with router_policy {policy.Describe()}, which needs " +
+                                                    "privilege labels on every token, and raw token ids have none; give a chat (generate --chat, or chat) " +
+                                                    "so that the renderer labels each token, or use --router-policy free");
+        }
     }
 
     /// <summary>A routing context for one call: the engine's policy override travels in it. Raw ids (no labels) get one
@@ -244,9 +253,10 @@ public sealed class ChatEngine : IDisposable
             throw new TokenizerFileException(tokDir, null, "no tokenizer.json or tokenizer.model in this directory");
         ChatTemplate? template = options.Template is null ? null : ChatTemplate.Parse(options.Template);
         var plan = PlanAdapters(options);
-        if (options.RouterPolicy is not null && plan.MixLoraInUse is null)
-            throw new LoraMixException($"a router policy ({options.RouterPolicy.Describe()}) was given, but no MixLoRA adapter is loaded: " +
-                                       "only MixLoRA adapters have a router (plain LoRA adapters route nothing)");
+        if (options.RouterPolicy is not null && plan.MixLoraInUse is null
+            && !plan.Use.Terms.Any(t => plan.Adapters.Any(a => a.Name == t.Name && a.Method == AdapterMethods.XLora)))
+            throw new LoraMixException($"a router policy ({options.RouterPolicy.Describe()}) was given, but no MixLoRA or X-LoRA adapter is in use: " +
+                                       "only MixLoRA routers and X-LoRA scaling heads have a policy (plain LoRA adapters route nothing)");
         var model = LlamaForCausalLM.FromPretrained(modelDirectory, options.Device, options.DType);
         try
         {
@@ -293,7 +303,7 @@ public sealed class ChatEngine : IDisposable
             0 => AdapterChoice.Base,
             1 => AdapterChoice.Of(named[0].Key),
             _ when kinds.Values.All(k => k == AdapterMethods.Lora) => AdapterChoice.Compose(named.Select(n => n.Key)),
-            _ => throw new LoraMixException($"{named.Count} adapters are loaded and one is MixLoRA: say which to run with --use NAME " +
+            _ => throw new LoraMixException($"{named.Count} adapters are loaded and one is MixLoRA or X-LoRA: say which to run with --use NAME " +
                                             $"(loaded: {string.Join(", ", named.Select(n => $"{n.Key}={n.Value}"))})"),
         });
         var mixInUse = choice.Terms.Where(t => kinds[t.Name] == AdapterMethods.MixLora).ToList();
@@ -501,6 +511,66 @@ public sealed class ChatEngine : IDisposable
                 : generated.Tokens.Count > generateTokens ? FinishReason.Length : generated.FinishReason;
             return new RoutingInspection(tokens, chat.Length, chat.FirstUntrustedPosition, policy, mixLora.NumExperts,
                 routing.Trace.LayerIndices, finish);
+        }
+        finally
+        {
+            _modelThread.Release();
+        }
+    }
+
+    /// <summary>
+    /// Runs the default adapters' X-LoRA adapter over a conversation (and <paramref name="generateTokens"/> greedy tokens)
+    /// and records, per token, the scalings its scaled pass used: <c>[module][expert]</c>, under the adapter's
+    /// <c>router_policy</c> (or the engine's override).
+    /// </summary>
+    /// <exception cref="LoraMixException">The default adapters run no X-LoRA adapter.</exception>
+    public ScalingsInspection TraceScalings(IReadOnlyList<ChatMessage> messages, int generateTokens = 0, bool stopAtStopTokens = true,
+        CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(messages);
+        ArgumentOutOfRangeException.ThrowIfNegative(generateTokens);
+        var choice = DefaultAdapters;
+        var xlora = choice.Terms.Select(t => Model.ScalingAdapter(t.Name)).FirstOrDefault(a => a is not null) ?? throw new LoraMixException(
+            "scalings can only be traced through an X-LoRA adapter, and the adapters in use have none");
+        var chat = RenderForGeneration(messages);
+        var policy = RouterPolicyOverride ?? xlora.Policy;
+        var options = new GenerationOptions
+        {
+            MaxNewTokens = generateTokens == int.MaxValue ? generateTokens : generateTokens + 1, Temperature = 0, StopAtEos = stopAtStopTokens,
+            StopTokenIds = stopAtStopTokens ? [.. StopTokenIds] : [], Adapters = AdapterSelection.Of(choice),
+        };
+        _modelThread.Wait(cancellationToken);
+        try
+        {
+            var rows = new List<float[]>();
+            int modules = xlora.NumModules, experts = xlora.NumExperts;
+            void Observe(string name, TorchSharp.torch.Tensor s)
+            {
+                if (name != xlora.Name) return;
+                using var scope = TorchSharp.torch.NewDisposeScope();
+                var row = s[0].to(TorchSharp.torch.ScalarType.Float32).cpu().contiguous();                 // [T, L, N]
+                var values = row.data<float>().ToArray();
+                for (long t = 0; t < row.shape[0]; t++) rows.Add(values.AsSpan((int)(t * modules * experts), modules * experts).ToArray());
+            }
+            using var routing = new RoutingContext { Policy = RouterPolicyOverride, OnScalings = Observe };
+            var generated = new TokenGenerator(Model).Generate(chat, options, routing, cancellationToken: cancellationToken);
+            int fed = generated.FinishReason == FinishReason.Stop ? generated.Tokens.Count : Math.Max(0, generated.Tokens.Count - 1);
+            int traced = Math.Min(fed, generateTokens);
+            if (rows.Count < chat.Length + traced)
+                throw new InvalidOperationException($"scalings trace has {rows.Count} tokens, expected {chat.Length} prompt + {traced} generated");
+            var tokens = new List<ScalingsToken>(chat.Length + traced);
+            for (int i = 0; i < chat.Length + traced; i++)
+            {
+                bool isGenerated = i >= chat.Length;
+                int id = isGenerated ? generated.Tokens[i - chat.Length] : chat.Ids[i];
+                tokens.Add(new ScalingsToken(id, Tokenizer.TokenPiece(id), isGenerated ? Privilege.Assistant : chat.Privileges[i], isGenerated, rows[i]));
+            }
+            FinishReason? finish = generateTokens == 0 ? null
+                : generated.Tokens.Count > generateTokens ? FinishReason.Length : generated.FinishReason;
+            var adapter = xlora as Adapters.XLora.XLoraAdapter;
+            return new ScalingsInspection(tokens, chat.Length, chat.FirstUntrustedPosition, policy,
+                adapter?.ModuleOrder ?? [.. Enumerable.Range(0, modules).Select(l => $"module {l}")],
+                adapter?.Config.Adapters.Select(a => a.Name).ToList() ?? [.. xlora.Experts], finish);
         }
         finally
         {

@@ -59,7 +59,7 @@ public sealed class RecipeParseTests
     {
         var type = Assert.Throws<ConfigFileException>(() => Parse(Minimal + "\nadapter: {type: qlora}\n"));
         Assert.Equal("adapter.type", type.Key);
-        Assert.Contains("lora, mixlora or full", type.Message);
+        Assert.Contains("lora, mixlora, xlora or full", type.Message);
 
         var both = Assert.Throws<ConfigFileException>(() => Parse(Minimal + "\nmodel_init: {preset: tiny, tokenizer: byte-level}\n"));
         Assert.Equal("model_init", both.Key);
