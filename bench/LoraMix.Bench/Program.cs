@@ -20,12 +20,16 @@ using static TorchSharp.torch;
 //   dotnet run -c Release --project bench/LoraMix.Bench -- mixed [--quick] [--json PATH]
 //                                                     8 LoRA adapters, batch 8 decode with 1/2/4/8 different adapters per batch vs
 //                                                     one adapter, base model, and the 8 adapters one after another at batch 1 (issue 14)
+//   dotnet run -c Release --project bench/LoraMix.Bench -- xlora [--quick] [--json PATH]
+//                                                     X-LoRA (4 experts) decode: dual KV cache, non-granular, cache-free, vs
+//                                                     base + one LoRA; 512-token prefill (issue 16)
 bool quick = args.Contains("--quick");
 bool trainMode = args.Contains("train");
 bool tinyTrainMode = args.Contains("train-tiny");
 bool mixMode = args.Contains("mixlora");
 bool attackMode = args.Contains("router-attack");
 bool mixedMode = args.Contains("mixed");
+bool xloraMode = args.Contains("xlora");
 int jsonAt = Array.IndexOf(args, "--json");
 string? jsonPath = jsonAt >= 0 && jsonAt + 1 < args.Length ? args[jsonAt + 1] : null;
 if (jsonAt >= 0 && jsonPath is null) { Console.Error.WriteLine("--json needs a file path"); return; }
@@ -84,6 +88,11 @@ if (mixMode)
 if (mixedMode)
 {
     LoraMix.Bench.MixedAdaptersBench.Run(peak, quick, jsonPath);
+    return;
+}
+if (xloraMode)
+{
+    LoraMix.Bench.XLoraBench.Run(peak, quick, jsonPath);
     return;
 }
 if (tinyTrainMode)

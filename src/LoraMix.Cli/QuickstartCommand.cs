@@ -20,11 +20,12 @@ internal static class QuickstartCommand
     {
         var method = new Option<string>("--method")
         {
-            Description = $"Adapter method: {string.Join(", ", QuickstartOptions.Methods)} (default {QuickstartOptions.DefaultMethod}), or hardened (free vs privileged MixLoRA routing " +
-                          "under prompt injection: utility and attack success side by side).",
+            Description = $"Adapter method: {string.Join(", ", QuickstartOptions.Methods)} (default {QuickstartOptions.DefaultMethod}), xlora (one LoRA per family, " +
+                          "then an X-LoRA head mixing them), or hardened (free vs privileged MixLoRA routing under prompt injection: utility and " +
+                          "attack success side by side).",
             DefaultValueFactory = _ => QuickstartOptions.DefaultMethod,
         };
-        method.AcceptOnlyFromAmong([.. QuickstartOptions.Methods, HardenedMethod]);
+        method.AcceptOnlyFromAmong([.. QuickstartOptions.Methods, XLoraMethod, HardenedMethod]);
         var json = new Option<bool>("--json") { Description = "Print the summary as one JSON object on stdout (progress goes to stderr)." };
         var model = new Option<string?>("--model", "-m") { Description = $"Base model directory (default: the embedded models/{EmbeddedModel.Name})." };
         var output = new Option<string?>("--out", "-o") { Description = "Output directory for the adapter, metrics and loss curve (default: out/quickstart-METHOD; replaced)." };
@@ -34,7 +35,8 @@ internal static class QuickstartCommand
             AllowMultipleArgumentsPerToken = false,
         };
         family.AcceptOnlyFromAmong([.. TaskWorld.Families]);
-        var steps = new Option<int?>("--steps") { Description = $"Training steps (default: mixlora {QuickstartOptions.DefaultMixLoraSteps}, lora {QuickstartOptions.DefaultLoraSteps})." };
+        var steps = new Option<int?>("--steps") { Description = $"Training steps (default: mixlora {QuickstartOptions.DefaultMixLoraSteps}, lora {QuickstartOptions.DefaultLoraSteps}; xlora: the head's, {new XLoraQuickstartOptions { ModelDir = "" }.HeadSteps})." };
+        var expertSteps = new Option<int?>("--expert-steps") { Description = $"xlora: training steps of each LoRA expert (default {new XLoraQuickstartOptions { ModelDir = "" }.ExpertSteps}; experts trained with the same settings by an earlier run are reused)." };
         var batch = new Option<int>("--batch-size") { Description = "Sequences per step (default 16).", DefaultValueFactory = _ => 16 };
         var evalCount = new Option<int>("--eval-examples") { Description = "Test-split examples per family scored before and after (default 64).", DefaultValueFactory = _ => 64 };
         var seed = new Option<long>("--seed") { Description = "Training seed (default 42).", DefaultValueFactory = _ => 42 };
@@ -43,13 +45,27 @@ internal static class QuickstartCommand
             $"Fine-tune a MixLoRA (default) or LoRA adapter on the embedded {EmbeddedModel.Name} for task families it never saw; print exact " +
             "match before and after per family, whether experts specialise by family, an example and where the adapter, metrics and plots are.")
         {
-            method, json, model, output, family, steps, batch, evalCount, seed, device,
+            method, json, model, output, family, steps, expertSteps, batch, evalCount, seed, device,
         };
         cmd.SetAction(p =>
         {
             var o = p.InvocationConfiguration.Output;
             bool asJson = p.GetValue(json);
             string m = p.GetValue(method)!;
+            if (m == XLoraMethod)
+                return RunXLora(p, o, asJson, new XLoraQuickstartOptions
+                {
+                    ModelDir = p.GetValue(model) ?? EmbeddedModel.Locate(),
+                    OutputDir = p.GetValue(output),
+                    Families = p.GetValue(family) is { Length: > 0 } fams ? fams : null,
+                    HeadSteps = p.GetValue(steps) ?? new XLoraQuickstartOptions { ModelDir = "" }.HeadSteps,
+                    ExpertSteps = p.GetValue(expertSteps) ?? new XLoraQuickstartOptions { ModelDir = "" }.ExpertSteps,
+                    BatchSize = p.GetValue(batch),
+                    EvalExamples = p.GetValue(evalCount),
+                    Seed = p.GetValue(seed),
+                    Device = p.GetValue(device)!,
+                });
+            if (p.GetValue(expertSteps) is not null) throw new LoraMixException("--expert-steps applies to --method xlora only");
             if (m == HardenedMethod)
                 return RunHardened(p, o, asJson, p.GetValue(model) ?? EmbeddedModel.Locate(), p.GetValue(output), p.GetValue(steps),
                     p.GetValue(batch), p.GetValue(seed), p.GetValue(device)!);
@@ -124,6 +140,41 @@ internal static class QuickstartCommand
     }
 
     private const string HardenedMethod = "hardened";
+    private const string XLoraMethod = "xlora";
+
+    /// <summary><c>--method xlora</c>: a LoRA per family, an X-LoRA head over them, every variant scored.</summary>
+    private static int RunXLora(ParseResult p, TextWriter o, bool asJson, XLoraQuickstartOptions options)
+    {
+        var progress = asJson ? new PlainProgress(p.InvocationConfiguration.Error) : TrainCommands.Progress(o);
+        if (!asJson)
+            o.WriteLine($"LoraMix quickstart (X-LoRA): one LoRA per family ({string.Join(", ", options.EffectiveFamilies.Select(f => $"'{f}'"))}; r={options.Rank}, " +
+                        $"{options.ExpertSteps} steps each), then an X-LoRA head over the frozen LoRAs, {options.HeadSteps} steps x {options.BatchSize} on the families mixed");
+        var r = XLoraQuickstart.Run(options, progress);
+        if (asJson)
+        {
+            o.WriteLine(r.ToJson().ToJsonString(Json));
+            return 0;
+        }
+        var inv = CultureInfo.InvariantCulture;
+        o.WriteLine();
+        o.WriteLine(string.Create(inv, $"exact match on {r.XLora.Total} held-out examples (test split, {options.EvalExamples} per family):"));
+        o.WriteLine($"  {"variant",-22} " + string.Join(" ", r.Families.Select(f => $"{f,12}")) + $" {"mixture",9}");
+        foreach (var v in r.Scores)
+        {
+            string row = string.Join(" ", r.Families.Select(f => $"{Pct(v.Report.ByFamily.GetValueOrDefault(f).Correct, v.Report.ByFamily.GetValueOrDefault(f).Total),12}"));
+            o.WriteLine($"  {v.Name,-22} {row} {Pct(v.Report.Correct, v.Report.Total),9}");
+        }
+        o.WriteLine(string.Create(inv, $"X-LoRA {r.XLora.Accuracy:P1} on the mixture vs the best single LoRA ({r.BestSingle.Name}) {r.BestSingle.Report.Accuracy:P1}"));
+        o.WriteLine();
+        o.WriteLine($"x-lora:      {r.XLoraDir} (PEFT X-LoRA: adapter_config.json + adapter_model.safetensors + one LoRA directory per expert)");
+        o.WriteLine($"experts:     {string.Join(", ", r.ExpertDirs.Select((d, i) => d + (r.ExpertsReused[i] ? " (reused)" : "")))}");
+        foreach (var png in r.ScalingPlots) o.WriteLine($"scalings:    {png}");
+        o.WriteLine($"metrics:     {r.MetricsPath}");
+        o.WriteLine($"loss curve:  {r.LossPlotPath}");
+        o.WriteLine(string.Create(inv, $"done in {r.Seconds:F0} s (experts {r.ExpertSeconds:F0} s, head {r.HeadSeconds:F0} s)."));
+        o.WriteLine($"next:        {CliApp.Invocation} inspect-scalings --model {r.ModelDir} --adapter {r.XLoraDir} --prompt \"...\" --out out/scalings");
+        return 0;
+    }
 
     /// <summary><c>--method hardened</c>: the security benchmark's hierarchy-trained conditions under the free and the
     /// privileged router policy (<see cref="SecurityEval"/> with <c>trainings: [hierarchy]</c>), side by side.</summary>

@@ -217,10 +217,16 @@ internal static class RoutingCommands
         {
             string? name = p.GetValue(Policy), snap = p.GetValue(Snapshot);
             if (name is null && snap is null) return null;
-            if (ChatEngine.PlanAdapters(options).MixLoraInUse is not { } mixLora)
-                throw new LoraMixException((name is not null ? "--router-policy" : "--privileged-snapshot") +
-                                           " applies to a MixLoRA adapter, and none was given with --adapter (LoRA adapters have no router)");
-            return ResolvePolicy((MixLoraConfig)AdapterMethods.MixLora.LoadConfig(mixLora.Directory), name, snap);
+            var plan = ChatEngine.PlanAdapters(options);
+            if (plan.MixLoraInUse is { } mixLora)
+                return ResolvePolicy((MixLoraConfig)AdapterMethods.MixLora.LoadConfig(mixLora.Directory), name, snap);
+            if (plan.Adapters.FirstOrDefault(a => a.Method == AdapterMethods.XLora && plan.Use.Terms.Any(t => t.Name == a.Name)) is { Directory: not null } x)
+            {
+                var xc = (Adapters.XLora.XLoraConfig)AdapterMethods.XLora.LoadConfig(x.Directory);
+                return ResolvePolicy(new MixLoraConfig { RouterPolicy = xc.RouterPolicy, PrivilegedSnapshot = xc.PrivilegedSnapshot }, name, snap);
+            }
+            throw new LoraMixException((name is not null ? "--router-policy" : "--privileged-snapshot") +
+                                       " applies to a MixLoRA or X-LoRA adapter, and none was given with --adapter (LoRA adapters have no router)");
         }
 
         /// <summary>Loads the engine with the adapters (<c>--adapter</c>, <c>--use</c>) and the router policy the command

@@ -25,6 +25,7 @@ internal static class TextCommands
         public Option<long?> Seed { get; } = new("--seed") { Description = "Random seed (same seed, same output)." };
         public Option<string?> Stop { get; } = new("--stop-ids") { Description = "Extra stop token ids, comma-separated." };
         public Option<bool> IgnoreEos { get; } = new("--ignore-eos") { Description = "Do not stop at EOS or end-of-turn tokens." };
+        public Option<int?> NonGranular { get; } = new("--xlora-non-granular") { Description = "X-LoRA: freeze each sequence's scalings after this many decode steps and skip the scaling pass from then on (mistral.rs's tgt_non_granular_index)." };
         public AdapterOptions Adapters { get; } = new();
         public Option<double> MaxKvCacheGib { get; } = new("--max-kv-cache-gib") { Description = "Refuse a generation whose KV cache would exceed this many GiB (default 8).", DefaultValueFactory = _ => GenerationOptions.DefaultMaxKvCacheBytes / (double)(1L << 30) };
         public Option<string?> Template { get; } = new("--template") { Description = $"Chat template: {string.Join(", ", ChatTemplate.Names)} (default: from tokenizer_config.json)." };
@@ -32,7 +33,7 @@ internal static class TextCommands
         public Option<string> DType { get; } = ModelCommands.DTypeOption("f32");
         public RoutingCommands.RouterPolicyOptions Router { get; } = new();
 
-        public IEnumerable<Option> All => [MaxNew, Temperature, TopK, TopP, Repetition, Seed, Stop, IgnoreEos, MaxKvCacheGib, .. Adapters.All, Template, Device, DType, .. Router.All];
+        public IEnumerable<Option> All => [MaxNew, Temperature, TopK, TopP, Repetition, Seed, Stop, IgnoreEos, NonGranular, MaxKvCacheGib, .. Adapters.All, Template, Device, DType, .. Router.All];
 
         public GenerationOptions Generation(ParseResult p)
         {
@@ -50,6 +51,7 @@ internal static class TextCommands
                 StopTokenIds = p.GetValue(Stop) is { } s ? ModelCommands.ParseIds(s, "--stop-ids") : [],
                 StopAtEos = !p.GetValue(IgnoreEos),
                 MaxKvCacheBytes = gib >= long.MaxValue / bytesPerGib ? long.MaxValue : Math.Max(1, (long)(gib * bytesPerGib)),
+                XLoraNonGranular = p.GetValue(NonGranular),
             };
             o.Validate();
             return o;

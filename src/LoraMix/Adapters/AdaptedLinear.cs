@@ -54,6 +54,7 @@ public sealed class AdaptedLinear : LinearSlot
         if (HasAdapter(name)) throw new ArgumentException($"adapter '{name}' already exists on this layer");
         var delta = new LoraDelta(InFeatures, OutFeatures, rank, alpha, dropout, useRsLora, _weight.device, _weight.dtype, generator);
         _deltas.Add(name, delta);
+        InvalidateStacks();
         return delta;
     }
 
@@ -64,6 +65,7 @@ public sealed class AdaptedLinear : LinearSlot
         var delta = GetAdapter(name);
         _deltas.Remove(name);
         delta.Dispose();
+        InvalidateStacks();
     }
 
     /// <summary>Folds an adapter into the base weight (W += scale·B·A); it is then skipped in the forward pass.</summary>
@@ -123,6 +125,65 @@ public sealed class AdaptedLinear : LinearSlot
         return result is null || ReferenceEquals(result, y) ? y : result.MoveToOuterDisposeScope();
     }
 
+    private sealed record ExpertStack(Tensor A, Tensor B, Tensor ColumnExpert, Tensor ColumnScale, Tensor[] Sources) : IDisposable
+    {
+        public void Dispose()
+        {
+            A.Dispose();
+            B.Dispose();
+            ColumnExpert.Dispose();
+            ColumnScale.Dispose();
+        }
+    }
+
+    private readonly Dictionary<string, ExpertStack> _stacks = new(StringComparer.Ordinal);
+
+    /// <summary>
+    /// The experts of a scaling-pass adapter present at this layer, concatenated (A: [Σr, in], B: [out, Σr]) with each rank
+    /// column's expert index and <c>scale_i · g</c>; built on first use and kept while the experts are frozen and unchanged
+    /// (the same tensors, none trainable, no dropout in training). Null when stacking does not apply (trainable experts,
+    /// active dropout, a merged expert): the per-expert loop runs instead.
+    /// </summary>
+    private ExpertStack? Stacked(IScalingPassAdapter adapter, int[] present)
+    {
+        var deltas = present.Select(i => { _deltas.TryGet(adapter.Experts[i], out var d); return d; }).ToArray();
+        if (deltas.Any(d => d.A.requires_grad || d.B.requires_grad || (training && d.DropoutP > 0) || _merged.Contains(adapter.Experts[present[Array.IndexOf(deltas, d)]])))
+            return null;
+        var sources = deltas.SelectMany(d => new Tensor[] { d.A, d.B }).ToArray();
+        if (_stacks.TryGetValue(adapter.Name, out var cached))
+        {
+            if (cached.Sources.Length == sources.Length && cached.Sources.Zip(sources).All(p => ReferenceEquals(p.First, p.Second)) &&
+                cached.Sources.All(t => !t.IsInvalid))
+                return cached;
+            _stacks.Remove(adapter.Name);
+            cached.Dispose();
+        }
+        using var noGrad = no_grad();
+        var columns = new List<long>();
+        var scales = new List<double>();
+        for (int j = 0; j < deltas.Length; j++)
+            for (int k = 0; k < deltas[j].Rank; k++)
+            {
+                columns.Add(present[j]);
+                scales.Add(deltas[j].Scale * adapter.GlobalScalingWeight);
+            }
+        var stack = new ExpertStack(
+            cat(deltas.Select(d => d.A).ToArray(), 0).DetachFromDisposeScope(),
+            cat(deltas.Select(d => d.B).ToArray(), 1).DetachFromDisposeScope(),
+            tensor(columns.ToArray(), device: _weight.device).DetachFromDisposeScope(),
+            tensor(scales.ToArray(), device: _weight.device).to(deltas[0].A.dtype).DetachFromDisposeScope(),
+            sources);
+        _stacks[adapter.Name] = stack;
+        return stack;
+    }
+
+    /// <summary>Drops the cached expert stacks (after changing an expert's weights in place).</summary>
+    public void InvalidateStacks()
+    {
+        foreach (var s in _stacks.Values) s.Dispose();
+        _stacks.Clear();
+    }
+
     /// <summary>
     /// X-LoRA on the rows of <paramref name="use"/>: <c>Σ_i s[b,t,l,i] · g · scale_i · B_i A_i x</c> over the experts this
     /// layer holds (an expert that does not target it adds nothing; its scaling is unused, as in PEFT), with l this
@@ -137,14 +198,25 @@ public sealed class AdaptedLinear : LinearSlot
         var s = scalings.select(2, l);                                              // [B, T, N]
         var xr = use.AllRows ? x : x.index_select(0, use.Index!);
         if (!use.AllRows) s = s.index_select(0, use.Index!);
-        Tensor? sum = null;
         var experts = adapter.Experts;
-        for (int i = 0; i < experts.Count; i++)
+        var present = Enumerable.Range(0, experts.Count).Where(i => _deltas.TryGet(experts[i], out _)).ToArray();
+        if (present.Length == 0) return result;
+        Tensor? sum = null;
+        if (Stacked(adapter, present) is { } stack)
         {
-            if (!_deltas.TryGet(experts[i], out var delta)) continue;
-            var update = delta.Unscaled(xr * s.select(-1, i).unsqueeze(-1).to(xr.dtype)) * (delta.Scale * adapter.GlobalScalingWeight);
-            sum = sum is null ? update : sum + update;
+            // one low-rank product for every expert: x·A_catᵀ, each rank column times its expert's scaling · scale_i · g,
+            // then ·B_catᵀ (mathematically PEFT's Σ_i B_i A_i (x·s_i) · scale_i · g)
+            var h = nn.functional.linear(xr, stack.A);                                           // [R, T, Σr]
+            var m = s.index_select(-1, stack.ColumnExpert).to(h.dtype) * stack.ColumnScale;       // [R, T, Σr]
+            sum = nn.functional.linear(h * m, stack.B);
         }
+        else
+            foreach (int i in present)
+            {
+                _deltas.TryGet(experts[i], out var delta);
+                var update = delta.Unscaled(xr * s.select(-1, i).unsqueeze(-1).to(xr.dtype)) * (delta.Scale * adapter.GlobalScalingWeight);
+                sum = sum is null ? update : sum + update;
+            }
         if (sum is null) return result;
         if (sum.dtype != result.dtype) sum = sum.to(result.dtype);
         if (use.AllRows) return result + sum;

@@ -26,13 +26,16 @@ public static class ExactMatchEvaluator
 {
     /// <summary>Scores every record that has an expected answer; records without one are ignored.</summary>
     public static ExactMatchReport Evaluate(ChatEngine engine, IReadOnlyList<DatasetRecord> records, int maxNewTokens = 96,
-        int batchSize = 16, Action<int, int>? progress = null, CancellationToken cancellationToken = default)
+        int batchSize = 16, Action<int, int>? progress = null, CancellationToken cancellationToken = default, Modeling.AdapterChoice? adapters = null)
     {
         ArgumentNullException.ThrowIfNull(engine);
         ArgumentNullException.ThrowIfNull(records);
         var scored = records.Where(r => r.Messages is not null && r.ExpectedAnswer is not null).ToList();
         var prompts = scored.Select(r => engine.RenderForGeneration(r.PromptMessages)).ToList();
-        var options = new GenerationOptions { MaxNewTokens = maxNewTokens, Temperature = 0 };
+        var options = new GenerationOptions
+        {
+            MaxNewTokens = maxNewTokens, Temperature = 0, Adapters = adapters is null ? null : Modeling.AdapterSelection.Of(adapters),
+        };
         var outputs = engine.GenerateBatch(prompts, options, batchSize, done => progress?.Invoke(done, scored.Count), cancellationToken);
         var samples = new List<ExactMatchSample>(scored.Count);
         var byFamily = new SortedDictionary<string, (int Correct, int Total)>(StringComparer.Ordinal);

@@ -39,6 +39,11 @@ public sealed record GenerationOptions
     /// engine substitutes its default). Travels with every forward call of the generation.</summary>
     public AdapterSelection? Adapters { get; init; }
 
+    /// <summary>X-LoRA's non-granular scalings (mistral.rs's <c>tgt_non_granular_index</c>): after this many decode steps a
+    /// row's scalings are frozen and its scaling pass is skipped; kept per sequence, so it works in batches. Null: every token
+    /// gets its own scalings.</summary>
+    public int? XLoraNonGranular { get; init; }
+
     /// <summary>Throws <see cref="ArgumentException"/> for out-of-range settings.</summary>
     public void Validate()
     {
@@ -47,6 +52,7 @@ public sealed record GenerationOptions
         if (TopK < 0) throw new ArgumentException($"top-k must be >= 0, got {TopK}");
         if (!(TopP > 0 && TopP <= 1)) throw new ArgumentException($"top-p must be in (0, 1], got {TopP}");
         if (!(RepetitionPenalty > 0) || double.IsInfinity(RepetitionPenalty)) throw new ArgumentException($"repetition penalty must be > 0, got {RepetitionPenalty}");
+        if (XLoraNonGranular is < 1) throw new ArgumentException($"the X-LoRA non-granular index counts decode steps and must be >= 1, got {XLoraNonGranular}");
         if (MaxKvCacheBytes <= 0) throw new ArgumentException($"the KV cache limit must be > 0 bytes, got {MaxKvCacheBytes}");
     }
 }
@@ -162,12 +168,15 @@ public sealed class TokenGenerator
 
         // The cache is sized by the clamped budget; a split privileged prefill may grow it by up to the prompt length.
         long capacity = (long)maxPrompt + steps;
-        CheckKvCache(config, batch, privileges is null ? capacity : capacity + maxPrompt, _model.DType, options.MaxKvCacheBytes);
+        // X-LoRA rows keep a second cache for their scaling pass (the dual cache): count it
+        bool dual = options.Adapters?.Names.Any(n => _model.ScalingAdapter(n) is not null) == true;
+        CheckKvCache(config, dual ? 2 * batch : batch, privileges is null ? capacity : capacity + maxPrompt, _model.DType, options.MaxKvCacheBytes);
 
         var device = _model.Device;
         using var outer = NewDisposeScope();
         using var noGrad = no_grad();
         using var cache = _model.CreateCache(batch, capacity);
+        if (options.XLoraNonGranular is int k) cache.SetNonGranular(k);
         using var rng = new TorchSharp.torch.Generator((ulong)(options.Seed ?? Random.Shared.NextInt64()), device);
 
         // Left-pad the prompts.

@@ -487,6 +487,16 @@ public sealed class XLoraTests : IDisposable
             var seq = prompt.ToList();
             for (int i = 0; i < 6; i++) seq.Add(model.Forward(tensor(seq.ToArray()).unsqueeze(0), adapters: AdapterSelection.Of("xl"))[0, -1].argmax().item<long>());
             Assert.Equal(string.Join(' ', seq.Skip(prompt.Length)), stdout.Trim().Split('\n')[^1].Trim());
+
+            // non-granular from the command line equals the library's generator with the same option
+            var ng = CliRun.Run("generate", "--model", modelDir, "--adapter", xdir, "--prompt-ids", string.Join(",", prompt),
+                "--max-new-tokens", "6", "--temperature", "0", "--print-ids", "--ignore-eos", "--xlora-non-granular", "2");
+            Assert.True(ng.Code == 0, ng.Err);
+            var lib = new LoraMix.Inference.TokenGenerator(model).Generate(prompt.Select(x => (int)x).ToArray(), new LoraMix.Inference.GenerationOptions
+            {
+                MaxNewTokens = 6, Temperature = 0, StopAtEos = false, Adapters = AdapterSelection.Of("xl"), XLoraNonGranular = 2,
+            });
+            Assert.Equal(string.Join(' ', lib.Tokens), ng.Out.Trim().Split('\n')[^1].Trim());
         }
     }
     [Fact]
