@@ -29,9 +29,9 @@ public sealed record XLoraQuickstartOptions
     /// <summary>Optimizer steps of the X-LoRA head.</summary>
     public int HeadSteps { get; init; } = 200;
     public int BatchSize { get; init; } = 16;
-    public double ExpertLearningRate { get; init; } = 4e-3;
+    public double ExpertLearningRate { get; init; } = 2e-3;
     public double HeadLearningRate { get; init; } = 3e-3;
-    public int Rank { get; init; } = 8;
+    public int Rank { get; init; } = 16;
     /// <summary>Test-split examples per family scored for every variant.</summary>
     public int EvalExamples { get; init; } = 64;
     public long Seed { get; init; } = 42;

@@ -173,6 +173,44 @@ public sealed class QuickstartTests : IDisposable
     }
 
     [Fact]
+    public void XLoraTrainsAnExpertPerFamilyReusesThemAndScoresEveryVariantAsAnIndependentScoring()
+    {
+        string model = RecipeFixtures.TinyByteModel(_dir.Sub("base"));
+        string outDir = _dir.Sub("qx");
+        string[] args = ["quickstart", "--method", "xlora", "--model", model, "--out", outDir, "--steps", "2", "--expert-steps", "2",
+                         "--batch-size", "4", "--eval-examples", "3", "--json"];
+        var r = Run(args);
+        Assert.True(r.Code == 0, r.Err + r.Out);
+        var o = JsonNode.Parse(r.Out.Split('\n', StringSplitOptions.RemoveEmptyEntries).Single())!.AsObject();
+        Assert.Equal("xlora", o["method"]!.GetValue<string>());
+        Assert.Equal(["last_word", "second_word"], o["families"]!.AsArray().Select(f => f!.GetValue<string>()));
+        Assert.Equal(["base", "lora:last_word", "lora:second_word", "lora-sum", "xlora"], o["variants"]!.AsObject().Select(kv => kv.Key));
+        Assert.Equal([false, false], o["experts_reused"]!.AsArray().Select(x => x!.GetValue<bool>()));
+        Assert.Equal(6, o["eval_examples"]!.GetValue<int>());
+        string xdir = o["xlora_dir"]!.GetValue<string>();
+        var cfg = JsonNode.Parse(File.ReadAllText(Path.Combine(xdir, "adapter_config.json")))!.AsObject();
+        Assert.Equal("XLORA", cfg["peft_type"]!.GetValue<string>());
+        Assert.Equal("privileged", cfg["router_policy"]!.GetValue<string>());
+        Assert.All(o["scaling_plots"]!.AsArray(), p => Assert.True(File.Exists(p!.GetValue<string>())));
+
+        // the X-LoRA variant's number is what an independent scoring through a fresh engine gives
+        var records = new LoraMix.Workflows.TaskWorldSource(["last_word", "second_word"], 6, Seed: 1, TaskSplit.Test, Placement: null).Records();
+        using (var engine = ChatEngine.Load(model, new EngineOptions { Adapters = [xdir] }))
+            Assert.Equal(o["variants"]!["xlora"]!["exact_match"]!.GetValue<double>(), Math.Round(CountCorrect(engine, records) / 6.0, 4));
+
+        // a second run with the same settings reuses the experts; other settings retrain them
+        var again = JsonNode.Parse(Run(args).Out)!.AsObject();
+        Assert.Equal([true, true], again["experts_reused"]!.AsArray().Select(x => x!.GetValue<bool>()));
+        args[Array.IndexOf(args, "--expert-steps") + 1] = "3";
+        var changed = JsonNode.Parse(Run(args).Out)!.AsObject();
+        Assert.Equal([false, false], changed["experts_reused"]!.AsArray().Select(x => x!.GetValue<bool>()));
+
+        var bad = Run("quickstart", "--method", "lora", "--model", model, "--expert-steps", "3");
+        Assert.NotEqual(0, bad.Code);
+        Assert.Contains("--expert-steps applies to --method xlora only", bad.Err + bad.Out);
+    }
+
+    [Fact]
     public void TheEmbeddedModelIsFound()
     {
         string dir = EmbeddedModel.Locate();

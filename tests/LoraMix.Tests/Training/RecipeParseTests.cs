@@ -184,6 +184,7 @@ public sealed class RecipeExampleTests
     [InlineData("pretrain-tiny.yaml", RecipeMethod.Full)]
     [InlineData("pretrain-tiny-v2.yaml", RecipeMethod.Full)]
     [InlineData("lora-alpaca.yaml", RecipeMethod.Lora)]
+    [InlineData("xlora-task-world.yaml", RecipeMethod.XLora)]
     public void ExampleRecipesParse(string file, RecipeMethod method)
     {
         var r = TrainingRecipe.Load(Path.Combine(ExamplesDir(), file));
