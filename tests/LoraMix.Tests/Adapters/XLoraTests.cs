@@ -152,6 +152,14 @@ public sealed class XLoraTests : IDisposable
         return linears;
     }
 
+    /// <summary>The fixture experts under <c>experts/</c> and an X-LoRA directory <c>xlora/</c> for <paramref name="c"/>.</summary>
+    private (List<Expert> Experts, string Dir, List<(Tensor W, Tensor B)> Head) Fixture(HeadCase c, XLoraLayout layout)
+    {
+        var experts = WriteExperts(Path.Combine(_dir, "experts"));
+        string xdir = Path.Combine(_dir, "xlora");
+        return (experts, xdir, WriteXLora(xdir, c, layout, experts, Path.Combine(_dir, "experts")));
+    }
+
     private static void CopyDir(string from, string to)
     {
         Directory.CreateDirectory(to);
@@ -256,9 +264,7 @@ public sealed class XLoraTests : IDisposable
     public void ForwardEqualsTwoFullReferencePasses(HeadCase c, XLoraLayout layout)
     {
         using var scope = NewDisposeScope();
-        var experts = WriteExperts(Path.Combine(_dir, "experts"));
-        string xdir = Path.Combine(_dir, "xlora");
-        var head = WriteXLora(xdir, c, layout, experts, Path.Combine(_dir, "experts"));
+        var (experts, xdir, head) = Fixture(c, layout);
         using var model = TestModels.Random(Cfg, BaseSeed);
         model.eval();
         var baseWeights = BaseWeights(model);
@@ -280,9 +286,7 @@ public sealed class XLoraTests : IDisposable
     public void SaveWritesADirectoryThatLoadsToTheSameLogits(HeadCase c, XLoraLayout layout)
     {
         using var scope = NewDisposeScope();
-        var experts = WriteExperts(Path.Combine(_dir, "experts"));
-        string xdir = Path.Combine(_dir, "xlora");
-        WriteXLora(xdir, c, layout, experts, Path.Combine(_dir, "experts"));
+        var (experts, xdir, head) = Fixture(c, layout);
         using var model = TestModels.Random(Cfg, BaseSeed);
         model.eval();
         XLoraAdapters.Load(model, xdir, "xl");
@@ -314,9 +318,7 @@ public sealed class XLoraTests : IDisposable
     {
         using var scope = NewDisposeScope();
         var c = new HeadCase(2, 16, 0.2, true, true, 2, true, 1.0, 0.25, 0.9);
-        var experts = WriteExperts(Path.Combine(_dir, "experts"));
-        string xdir = Path.Combine(_dir, "xlora");
-        WriteXLora(xdir, c, XLoraLayout.Peft, experts, Path.Combine(_dir, "experts"));
+        var (experts, xdir, head) = Fixture(c, XLoraLayout.Peft);
         using var model = TestModels.Random(Cfg, BaseSeed);
         model.eval();
         XLoraAdapters.Load(model, xdir, "xl");
@@ -341,9 +343,7 @@ public sealed class XLoraTests : IDisposable
     {
         using var scope = NewDisposeScope();
         var c = new HeadCase(1, 2048, 0.2, true, true, null, false, 1.0, 0.0, 1.0);
-        var experts = WriteExperts(Path.Combine(_dir, "experts"));
-        string xdir = Path.Combine(_dir, "xlora");
-        var head = WriteXLora(xdir, c, XLoraLayout.Peft, experts, Path.Combine(_dir, "experts"));
+        var (experts, xdir, head) = Fixture(c, XLoraLayout.Peft);
         using var model = TestModels.Random(Cfg, BaseSeed);
         model.eval();
         var baseWeights = BaseWeights(model);
@@ -389,9 +389,7 @@ public sealed class XLoraTests : IDisposable
     {
         using var scope = NewDisposeScope();
         var c = new HeadCase(2, 16, 0.0, true, true, null, false, 1.0, 0.5, 1.0);
-        var experts = WriteExperts(Path.Combine(_dir, "experts"));
-        string xdir = Path.Combine(_dir, "xlora");
-        WriteXLora(xdir, c, XLoraLayout.Peft, experts, Path.Combine(_dir, "experts"));
+        var (experts, xdir, head) = Fixture(c, XLoraLayout.Peft);
         using var model = TestModels.Random(Cfg, BaseSeed);
         model.eval();
         XLoraAdapters.Load(model, xdir, "xl");
@@ -426,9 +424,7 @@ public sealed class XLoraTests : IDisposable
     {
         using var scope = NewDisposeScope();
         var c = new HeadCase(1, 2048, 0.2, false, true, null, false, 1.0, 0.0, 1.0);
-        var experts = WriteExperts(Path.Combine(_dir, "experts"));
-        string xdir = Path.Combine(_dir, "xlora");
-        WriteXLora(xdir, c, XLoraLayout.Peft, experts, Path.Combine(_dir, "experts"));
+        var (experts, xdir, head) = Fixture(c, XLoraLayout.Peft);
         string cfgPath = Path.Combine(xdir, "adapter_config.json");
         string original = File.ReadAllText(cfgPath);
         using var model = TestModels.Random(Cfg, BaseSeed);
@@ -564,9 +560,7 @@ public sealed class XLoraTests : IDisposable
     {
         using var scope = NewDisposeScope();
         var c = new HeadCase(1, 2048, 0.2, false, true, null, false, 1.0, 0.0, 1.0);
-        var experts = WriteExperts(Path.Combine(_dir, "experts"));
-        string xdir = Path.Combine(_dir, "xlora");
-        WriteXLora(xdir, c, XLoraLayout.Peft, experts, Path.Combine(_dir, "experts"));
+        var (experts, xdir, head) = Fixture(c, XLoraLayout.Peft);
         using var model = TestModels.Random(Cfg, BaseSeed);
         XLoraAdapters.Load(model, xdir, "xl");
         var target = LoraMix.Training.TrainingTarget.XLora(model, XLoraAdapters.Get(model, "xl"));

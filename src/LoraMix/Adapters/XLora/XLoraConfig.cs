@@ -311,31 +311,15 @@ public sealed record XLoraConfig
     /// edits apart), or null.</summary>
     private static string? LooksLike(string key, IEnumerable<string> known)
     {
-        static string Norm(string k) => new([.. k.ToLowerInvariant().Where(char.IsLetterOrDigit)]);
-        string n = Norm(key);
+                string n = ConfigKeyMatch.Normalize(key);
         foreach (var k in known)
         {
-            string o = Norm(k);
-            if (n == o || (o.Length > 6 && Levenshtein(n, o) <= 2)) return k;
+            string o = ConfigKeyMatch.Normalize(k);
+            if (n == o || (o.Length > 6 && ConfigKeyMatch.Levenshtein(n, o) <= 2)) return k;
         }
         return null;
     }
 
-    private static int Levenshtein(string a, string b)
-    {
-        if (Math.Abs(a.Length - b.Length) > 2) return 3;
-        var prev = new int[b.Length + 1];
-        var cur = new int[b.Length + 1];
-        for (int j = 0; j <= b.Length; j++) prev[j] = j;
-        for (int i = 1; i <= a.Length; i++)
-        {
-            cur[0] = i;
-            for (int j = 1; j <= b.Length; j++)
-                cur[j] = Math.Min(Math.Min(cur[j - 1] + 1, prev[j] + 1), prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1));
-            (prev, cur) = (cur, prev);
-        }
-        return prev[b.Length];
-    }
 
     private static string? Str(JsonObject o, string key, string source)
     {
