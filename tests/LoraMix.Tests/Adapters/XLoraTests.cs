@@ -624,4 +624,21 @@ public sealed class XLoraTests : IDisposable
         Assert.NotEqual(0, wrong.Code);
         Assert.Contains("needs an X-LoRA adapter", wrong.Err + wrong.Out);
     }
+    [Fact]
+    public void ThePackageLayoutFindsExpertsInTheirSubdirectoriesWhateverPathsTheConfigRecorded()
+    {
+        using var scope = NewDisposeScope();
+        var c = new HeadCase(1, 2048, 0.2, false, true, null, false, 1.0, 0.0, 1.0);
+        var (experts, xdir, head) = Fixture(c, XLoraLayout.Original);
+        string cfgPath = Path.Combine(xdir, "xlora_config.json");
+        var json = JsonNode.Parse(File.ReadAllText(cfgPath))!.AsObject();
+        json["adapters"] = new JsonObject(experts.Select(e => KeyValuePair.Create(e.Name, (JsonNode?)JsonValue.Create($"some-org/some-repo/{e.Name}"))));
+        File.WriteAllText(cfgPath, json.ToJsonString());
+        using var model = TestModels.Random(Cfg, BaseSeed);
+        model.eval();
+        XLoraAdapters.Load(model, xdir, "xl");
+        var ids = TestModels.RandomIds(7, Cfg.VocabSize, 5);
+        var (expected, _) = Reference(BaseWeights(model), experts, head, c, ids);
+        Assert.True(TestModels.RelativeError(model.Forward(tensor(ids).unsqueeze(0), adapters: AdapterSelection.Of("xl"))[0], expected) < 5e-5);
+    }
 }

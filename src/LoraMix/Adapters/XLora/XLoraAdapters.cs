@@ -109,6 +109,13 @@ public static class XLoraAdapters
         }
         if (Directory.Exists(path)) return path;
         tried.Add(Path.GetFullPath(path));
+        // the xlora package saves every expert as the subdirectory of its name, whatever path the config recorded
+        if (baseDirectory is not null && label.IndexOfAny(Path.GetInvalidFileNameChars()) < 0 && label is not ("." or ".."))
+        {
+            string byName = Path.Combine(baseDirectory, label);
+            if (Directory.Exists(byName)) return byName;
+            tried.Add(byName);
+        }
         throw new AdapterConfigException(source, "adapters",
             $"expert '{label}': no LoRA directory at '{path}' (tried {string.Join(" and ", tried)}); a relative path is resolved against the X-LoRA directory first");
     }
