@@ -641,4 +641,42 @@ public sealed class XLoraTests : IDisposable
         var (expected, _) = Reference(BaseWeights(model), experts, head, c, ids);
         Assert.True(TestModels.RelativeError(model.Forward(tensor(ids).unsqueeze(0), adapters: AdapterSelection.Of("xl"))[0], expected) < 5e-5);
     }
+    [Fact]
+    public void DegenerateHeadsTiesOneExpertAndOneToken()
+    {
+        using var scope = NewDisposeScope();
+        // ties: a zero head gives equal logits; top-2 of 3 keeps exactly two entries per token and module, and the softmax
+        // over the kept splits them evenly
+        var c = new HeadCase(1, 2048, 0.2, true, true, 2, true, 1.0, 0.0, 1.0);
+        var (experts, xdir, _) = Fixture(c, XLoraLayout.Peft);
+        using var model = TestModels.Random(Cfg, BaseSeed);
+        model.eval();
+        XLoraAdapters.Load(model, xdir, "xl");
+        var adapter = XLoraAdapters.Get(model, "xl");
+        using (no_grad())
+            foreach (var lin in adapter.Linears) { lin.weight!.zero_(); lin.bias?.zero_(); }
+        var s = adapter.Scalings(randn(2, 5, Cfg.HiddenSize));
+        Assert.Equal([2L, 5, adapter.NumModules, 3], s.shape);
+        Assert.True((s.ne(0).sum(-1) == 2).all().item<bool>());
+        Assert.True(((s - 0.5).abs() < 1e-6).logical_or(s == 0).all().item<bool>());
+
+        // one token (T = 1) and a one-token prompt through the dual cache
+        var one = model.Forward(tensor(new long[] { 7 }).unsqueeze(0), adapters: AdapterSelection.Of("xl"));
+        using var cache = model.CreateCache(1, 4);
+        var cached = model.Forward(tensor(new long[] { 7 }).unsqueeze(0), cache, adapters: AdapterSelection.Of("xl"));
+        Assert.True(TestModels.RelativeError(cached, one) < 1e-6);
+        XLoraAdapters.Remove(model, "xl");
+
+        // one expert: its softmax scaling is exactly 1, so X-LoRA equals that LoRA alone (value 0 scaling pass)
+        string single = Path.Combine(_dir, "single");
+        Directory.CreateDirectory(single);
+        File.WriteAllText(Path.Combine(single, "adapter_config.json"),
+            $"{{\"peft_type\": \"XLORA\", \"hidden_size\": {Cfg.HiddenSize}, \"adapters\": {{\"math\": \"{Path.Combine(_dir, "experts", "math")}\"}}}}");
+        SafetensorsWriter.Write(Path.Combine(single, "adapter_model.safetensors"),
+            [new("base_model.internal_xlora_classifier.layers.0.weight", randn(1, Cfg.HiddenSize)), new("base_model.internal_xlora_classifier.layers.0.bias", randn(1))]);
+        XLoraAdapters.Load(model, single, "one");
+        LoraAdapters.Load(model, Path.Combine(_dir, "experts", "math"), "math");
+        var ids = tensor(TestModels.RandomIds(6, Cfg.VocabSize, 2)).unsqueeze(0);
+        Assert.True(TestModels.RelativeError(model.Forward(ids, adapters: AdapterSelection.Of("one")), model.Forward(ids, adapters: AdapterSelection.Of("math"))) < 1e-5);
+    }
 }
