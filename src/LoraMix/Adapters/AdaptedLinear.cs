@@ -142,12 +142,12 @@ public sealed class AdaptedLinear : LinearSlot
     /// The experts of a scaling-pass adapter present at this layer, concatenated (A: [Σr, in], B: [out, Σr]) with each rank
     /// column's expert index and <c>scale_i · g</c>; built on first use and kept while the experts are frozen and unchanged
     /// (the same tensors, none trainable, no dropout in training). Null when stacking does not apply (trainable experts,
-    /// active dropout, a merged expert): the per-expert loop runs instead.
+    /// active dropout): the per-expert loop runs instead.
     /// </summary>
     private ExpertStack? Stacked(IScalingPassAdapter adapter, int[] present)
     {
         var deltas = present.Select(i => { _deltas.TryGet(adapter.Experts[i], out var d); return d; }).ToArray();
-        if (deltas.Any(d => d.A.requires_grad || d.B.requires_grad || (training && d.DropoutP > 0) || _merged.Contains(adapter.Experts[present[Array.IndexOf(deltas, d)]])))
+        if (deltas.Any(d => d.A.requires_grad || d.B.requires_grad || (training && d.DropoutP > 0)))
             return null;
         var sources = deltas.SelectMany(d => new Tensor[] { d.A, d.B }).ToArray();
         if (_stacks.TryGetValue(adapter.Name, out var cached))
@@ -177,6 +177,12 @@ public sealed class AdaptedLinear : LinearSlot
         return stack;
     }
 
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing) InvalidateStacks();
+        base.Dispose(disposing);
+    }
+
     /// <summary>Drops the cached expert stacks (after changing an expert's weights in place).</summary>
     public void InvalidateStacks()
     {
@@ -201,6 +207,9 @@ public sealed class AdaptedLinear : LinearSlot
         var experts = adapter.Experts;
         var present = Enumerable.Range(0, experts.Count).Where(i => _deltas.TryGet(experts[i], out _)).ToArray();
         if (present.Length == 0) return result;
+        if (present.FirstOrDefault(i => _merged.Contains(experts[i]), -1) is int merged and >= 0)
+            throw new InvalidOperationException($"expert '{experts[merged]}' of X-LoRA adapter '{adapter.Name}' is merged into the base weights, where it " +
+                                                "would act at weight 1 for every row; unmerge it before running the X-LoRA adapter");
         Tensor? sum = null;
         if (Stacked(adapter, present) is { } stack)
         {
