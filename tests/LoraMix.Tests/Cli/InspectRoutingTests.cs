@@ -244,10 +244,10 @@ public sealed class InspectRoutingTests : IDisposable
         Assert.Contains("privilege labels", raw.Err);
         Assert.Equal(0, Run(["generate", "--model", _model, "--adapter", moePeft, "--prompt-ids", "1,2,3", .. gen]).Code);
 
-        // the options need a MixLoRA adapter
+        // the options need a MixLoRA (or X-LoRA) adapter
         var none = Run(["generate", "--model", _model, "--chat", chat, "--router-policy", "privileged", .. gen]);
         Assert.Equal(CliApp.ExitError, none.Code);
-        Assert.Contains("--router-policy applies to a MixLoRA adapter", none.Err);
+        Assert.Contains("--router-policy applies to a MixLoRA or X-LoRA adapter", none.Err);
         var badValue = Run(["generate", "--model", _model, "--adapter", _adapter, "--chat", chat, "--router-policy", "strict", .. gen]);
         Assert.Equal(CliApp.ExitUsage, badValue.Code);
 
